@@ -1,0 +1,162 @@
+"""Which implementation runs the fused ops: eager PyTorch, Triton kernels, or the CUDA extension.
+
+The choice comes from `set_backend(name)` / `use_backend(name)`, else the environment variable
+`DLA_FAST_BACKEND`, else `auto`:
+
+- `torch`:  the eager reference of every op (plain PyTorch, any device).
+- `triton`: the Triton kernels. CUDA tensors, or CPU tensors when `TRITON_INTERPRET=1` was set before
+  dla_fast imported its kernels (how CI runs them without a GPU).
+- `cuda`:   the hand-written kernels of the extension `dla_fast._C` for the memory-bound steps; the
+  GEMM-shaped parts (the aggregation node's 1x1 conv) stay in Triton.
+- `auto`:   fused kernels for CUDA tensors, the eager path for CPU tensors.
+
+Asking for a backend that cannot run on the tensors at hand raises `BackendUnavailable`; nothing falls
+back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "DLA_FAST_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (no Triton, no GPU, extension not built, ...)."""
+
+
+_state = threading.local()
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown dla_fast backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name.lower()
+
+
+def _env_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto")
+    try:
+        return _check_name(value)
+    except ValueError as e:
+        raise ValueError(f"environment variable {ENV_VAR}={value!r}: {e}") from None
+
+
+def get_backend() -> str:
+    """The backend name in force: the innermost `use_backend`, else `set_backend`, else the environment."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    chosen = getattr(_state, "chosen", None)
+    return chosen if chosen is not None else _env_backend()
+
+
+def set_backend(name: str | None) -> None:
+    """Set the backend for this thread; `None` goes back to the environment variable (default `auto`)."""
+    _state.chosen = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the enclosed code with backend `name`."""
+    name = _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton kernels are interpreted on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device: torch.device | None) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton ships with torch on Linux
+        return f"triton is not importable ({e})"
+    if device is None:
+        if torch.cuda.is_available() or triton_interpreter_enabled():
+            return None
+        return "no CUDA GPU, and TRITON_INTERPRET=1 is not set"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return None
+    return f"Triton kernels need CUDA tensors (got {device.type}); on CPU set TRITON_INTERPRET=1 before importing dla_fast"
+
+
+def extension_status() -> tuple[bool, str]:
+    """(built, detail) for the compiled extension dla_fast._C."""
+    try:
+        from dla_fast import _C  # noqa: F401
+    except ImportError as e:
+        return False, f"not built ({e})"
+    has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
+    return True, "built with CUDA kernels" if has_cuda else "built (CPU kernels only)"
+
+
+def _cuda_reason(device: torch.device | None) -> str | None:
+    built, detail = extension_status()
+    if not built:
+        return f"the extension dla_fast._C is {detail}"
+    from dla_fast import _C
+
+    has_cuda = bool(_C.has_cuda())
+    if device is None:
+        return None
+    if device.type == "cuda":
+        return None if has_cuda else "dla_fast._C was built without CUDA kernels"
+    if device.type == "cpu":
+        return None
+    return f"the extension has no kernels for {device.type} tensors"
+
+
+def unavailable_reason(name: str, device: torch.device | None = None) -> str | None:
+    """Why backend `name` cannot run on `device` (None: it can). `device=None` asks about this machine."""
+    name = _check_name(name)
+    if name in ("torch", "auto"):
+        return None
+    if name == "triton":
+        return _triton_reason(device)
+    return _cuda_reason(device)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each backend name mapped to None (usable on this machine) or the reason it is not."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def resolve(device: torch.device, op: str = "") -> str:
+    """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device`.
+
+    `auto` picks the fused kernels for CUDA tensors (per op, from `AUTO_CHOICE`) and eager for the rest.
+    An explicit backend that cannot run raises BackendUnavailable naming the reason.
+    """
+    name = get_backend()
+    if name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        choice = AUTO_CHOICE.get(op, "triton")
+        if choice == "cuda" and unavailable_reason("cuda", device) is not None:
+            choice = "triton"
+        return choice
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        where = f" for op {op!r}" if op else ""
+        raise BackendUnavailable(f"dla_fast backend {name!r} cannot run{where}: {reason}")
+    return name
+
+
+# What `auto` runs per op on CUDA tensors. The choice follows the measurements committed under
+# benchmarks/results/ (see benchmarks/NOTES.md); ops not listed use Triton.
+AUTO_CHOICE: dict[str, str] = {}

@@ -1,0 +1,312 @@
+"""Deep Layer Aggregation (Yu et al., CVPR 2018, arXiv 1707.06484) in plain eager PyTorch.
+
+- `Root` is the aggregation node N(x_1..x_n) = ReLU(BN(W [x_1; ...; x_n]) [+ x_1]).
+- `Tree` is hierarchical deep aggregation (HDA): a binary tree of blocks whose leaves and earlier
+  aggregates meet at a Root.
+- `DLA` stacks the stem, two conv levels and four trees (iterative deep aggregation across stages).
+
+Names and layouts equal timm's `timm/models/dla.py` (and the ucbdrive original), so their state dicts
+load with `strict=True`. The fused kernels are swapped in by `dla_fast.accelerate`, never here.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Type
+
+import torch
+import torch.nn as nn
+
+from .blocks import BasicBlock, Bottle2neck, Bottleneck
+from .registry import register_model
+
+STRIDES = (1, 2, 4, 8, 16, 32)
+
+
+class Root(nn.Module):
+    """Aggregation node: concatenation -> conv (k x k, k=1 in every DLA) -> BN -> [+ children[0]] -> ReLU.
+
+    `forward` takes the children as a list `[x2, x1, *earlier]`; with `residual=True` the first child
+    (which has `out_channels` channels) is added before the ReLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, residual: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=1, bias=False,
+                              padding=(kernel_size - 1) // 2)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.residual = residual
+
+    def forward(self, children: List[torch.Tensor]) -> torch.Tensor:
+        x = self.bn(self.conv(torch.cat(children, 1)))
+        if self.residual:
+            x = x + children[0]
+        return self.relu(x)
+
+
+class Tree(nn.Module):
+    """Hierarchical deep aggregation of depth `levels`.
+
+    levels == 1: two blocks (tree1 strided, tree2) aggregated by a Root together with `children`.
+    levels > 1:  two subtrees; tree1's output joins `children`, and tree2 (whose root receives them)
+                 aggregates all. `level_root` adds the downsampled input itself as a child.
+    """
+
+    def __init__(self, levels: int, block: Type[nn.Module], in_channels: int, out_channels: int,
+                 stride: int = 1, level_root: bool = False, root_dim: int = 0, root_kernel_size: int = 1,
+                 dilation: int = 1, root_residual: bool = False, cardinality: int = 1, base_width: int = 64):
+        super().__init__()
+        if root_dim == 0:
+            root_dim = 2 * out_channels
+        if level_root:
+            root_dim += in_channels
+        block_args = dict(dilation=dilation, cardinality=cardinality, base_width=base_width)
+        self.downsample = nn.MaxPool2d(stride, stride=stride) if stride > 1 else nn.Identity()
+        # Only levels == 1 trees use their projection; ucbdrive also built (unused) ones for deeper
+        # trees, which load_checkpoint reports as ignored.
+        self.project = nn.Identity()
+        if levels == 1:
+            self.tree1 = block(in_channels, out_channels, stride, **block_args)
+            self.tree2 = block(out_channels, out_channels, 1, **block_args)
+            if in_channels != out_channels:
+                self.project = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+            self.root = Root(root_dim, out_channels, root_kernel_size, root_residual)
+        else:
+            subtree_args = dict(root_kernel_size=root_kernel_size, root_residual=root_residual, **block_args)
+            self.tree1 = Tree(levels - 1, block, in_channels, out_channels, stride, root_dim=0, **subtree_args)
+            self.tree2 = Tree(levels - 1, block, out_channels, out_channels, root_dim=root_dim + out_channels,
+                              **subtree_args)
+            self.root = None
+        self.level_root = level_root
+        self.root_dim = root_dim
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                children: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        children = [] if children is None else children
+        bottom = self.downsample(x)
+        residual = self.project(bottom)
+        if self.level_root:
+            children.append(bottom)
+        x1 = self.tree1(x, residual)
+        if self.root is not None:
+            x2 = self.tree2(x1)
+            return self.root([x2, x1] + children)
+        children.append(x1)
+        return self.tree2(x1, None, children)
+
+
+def conv_level(in_channels: int, out_channels: int, convs: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    """`convs` times conv3x3 + BN + ReLU; the first conv carries the stride."""
+    layers = []
+    for i in range(convs):
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride if i == 0 else 1, padding=dilation,
+                      dilation=dilation, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+class DLA(nn.Module):
+    """DLA backbone and classifier.
+
+    Args:
+        levels: depth of each of the six levels (levels 0, 1 are conv levels, 2..5 are trees).
+        channels: width of each level.
+        block: BasicBlock, Bottleneck or Bottle2neck.
+        num_classes: classes of the 1x1-conv classifier `fc`; 0 for no classifier.
+        residual_root: whether the Roots add their first child (DLA-102 and deeper).
+        features_only: forward returns the outputs of the levels in `out_indices` (strides 1..32).
+    Input: (N, in_chans, H, W) with H and W divisible by 32.
+    """
+
+    def __init__(self, levels: Sequence[int], channels: Sequence[int], block: Type[nn.Module],
+                 num_classes: int = 1000, in_chans: int = 3, cardinality: int = 1, base_width: int = 64,
+                 residual_root: bool = False, features_only: bool = False,
+                 out_indices: Sequence[int] = (1, 2, 3, 4, 5)):
+        super().__init__()
+        if len(levels) != 6 or len(channels) != 6:
+            raise ValueError(f"DLA needs 6 levels and 6 channel widths, got {list(levels)} and {list(channels)}")
+        bad = [i for i in out_indices if not 0 <= i <= 5]
+        if bad:
+            raise ValueError(f"out_indices must lie in 0..5 (levels 0..5, strides 1..32); got {list(out_indices)}")
+        self.channels = tuple(channels)
+        self.in_chans = in_chans
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        self.num_classes = 0 if features_only else num_classes
+        tree_args = dict(cardinality=cardinality, base_width=base_width, root_residual=residual_root)
+
+        self.base_layer = nn.Sequential(
+            nn.Conv2d(in_chans, channels[0], 7, stride=1, padding=3, bias=False),
+            nn.BatchNorm2d(channels[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.level0 = conv_level(channels[0], channels[0], levels[0])
+        self.level1 = conv_level(channels[0], channels[1], levels[1], stride=2)
+        self.level2 = Tree(levels[2], block, channels[1], channels[2], 2, level_root=False, **tree_args)
+        self.level3 = Tree(levels[3], block, channels[2], channels[3], 2, level_root=True, **tree_args)
+        self.level4 = Tree(levels[4], block, channels[3], channels[4], 2, level_root=True, **tree_args)
+        self.level5 = Tree(levels[5], block, channels[4], channels[5], 2, level_root=True, **tree_args)
+        self.feature_info = [dict(num_chs=c, reduction=s, module=f"level{i}")
+                             for i, (c, s) in enumerate(zip(channels, STRIDES))]
+        self.num_features = channels[-1]
+        if not features_only:
+            self.global_pool = nn.AdaptiveAvgPool2d(1)
+            self.flatten = nn.Flatten(1)
+            self.fc = nn.Conv2d(channels[-1], num_classes, 1, bias=True) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / n) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError for an input this network cannot take (rank, channels, sides)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DLA expects a 4-D image batch (N, {self.in_chans}, H, W); got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"DLA expects {self.in_chans} input channels; got {x.shape[1]} (input shape {tuple(x.shape)})")
+        h, w = x.shape[-2:]
+        if h % 32 or w % 32:
+            raise ValueError(f"DLA needs image sides divisible by 32 (its stride); got {h}x{w}. "
+                             f"Resize or pad to {-(-h // 32) * 32}x{-(-w // 32) * 32}.")
+
+    def forward_levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Outputs of levels 0..5 (strides 1, 2, 4, 8, 16, 32)."""
+        self.check_input(x)
+        x = self.base_layer(x)
+        outs = []
+        for i in range(6):
+            x = getattr(self, f"level{i}")(x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(x)[-1]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pool, then the 1x1-conv classifier (none when num_classes == 0)."""
+        return self.flatten(self.fc(self.global_pool(x)))
+
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            levels = self.forward_levels(x)
+            return [levels[i] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
+
+
+# name: (levels, channels, block, extra DLA arguments). Parameter counts are timm's (1000 classes).
+VARIANTS = {
+    "dla34": ((1, 1, 1, 2, 2, 1), (16, 32, 64, 128, 256, 512), BasicBlock, {}),
+    "dla46_c": ((1, 1, 1, 2, 2, 1), (16, 32, 64, 64, 128, 256), Bottleneck, {}),
+    "dla46x_c": ((1, 1, 1, 2, 2, 1), (16, 32, 64, 64, 128, 256), Bottleneck, dict(cardinality=32, base_width=4)),
+    "dla60x_c": ((1, 1, 1, 2, 3, 1), (16, 32, 64, 64, 128, 256), Bottleneck, dict(cardinality=32, base_width=4)),
+    "dla60": ((1, 1, 1, 2, 3, 1), (16, 32, 128, 256, 512, 1024), Bottleneck, {}),
+    "dla60x": ((1, 1, 1, 2, 3, 1), (16, 32, 128, 256, 512, 1024), Bottleneck, dict(cardinality=32, base_width=4)),
+    "dla102": ((1, 1, 1, 3, 4, 1), (16, 32, 128, 256, 512, 1024), Bottleneck, dict(residual_root=True)),
+    "dla102x": ((1, 1, 1, 3, 4, 1), (16, 32, 128, 256, 512, 1024), Bottleneck,
+                dict(cardinality=32, base_width=4, residual_root=True)),
+    "dla102x2": ((1, 1, 1, 3, 4, 1), (16, 32, 128, 256, 512, 1024), Bottleneck,
+                 dict(cardinality=64, base_width=4, residual_root=True)),
+    "dla169": ((1, 1, 2, 3, 5, 1), (16, 32, 128, 256, 512, 1024), Bottleneck, dict(residual_root=True)),
+    "dla60_res2net": ((1, 1, 1, 2, 3, 1), (16, 32, 128, 256, 512, 1024), Bottle2neck,
+                      dict(cardinality=1, base_width=28)),
+    "dla60_res2next": ((1, 1, 1, 2, 3, 1), (16, 32, 128, 256, 512, 1024), Bottle2neck,
+                       dict(cardinality=8, base_width=4)),
+}
+
+PARAM_COUNTS = {
+    "dla34": 15_742_104, "dla46_c": 1_301_400, "dla46x_c": 1_068_440, "dla60x_c": 1_319_832,
+    "dla60": 22_036_632, "dla60x": 17_352_344, "dla102": 33_268_888, "dla102x": 26_309_272,
+    "dla102x2": 41_282_200, "dla169": 53_389_720, "dla60_res2net": 20_848_072, "dla60_res2next": 17_032_984,
+}
+
+
+def build_dla(variant: str, **kwargs) -> DLA:
+    """The DLA `variant` (a key of VARIANTS) with random weights; kwargs go to DLA."""
+    levels, channels, block, extra = VARIANTS[variant]
+    model = DLA(levels, channels, block, **{**extra, **kwargs})
+    model.variant = variant
+    return model
+
+
+@register_model
+def dla34(**kwargs) -> DLA:
+    """DLA-34 (BasicBlock)."""
+    return build_dla("dla34", **kwargs)
+
+
+@register_model
+def dla46_c(**kwargs) -> DLA:
+    """DLA-46-C (compact, Bottleneck)."""
+    return build_dla("dla46_c", **kwargs)
+
+
+@register_model
+def dla46x_c(**kwargs) -> DLA:
+    """DLA-X-46-C (compact, BottleneckX, cardinality 32)."""
+    return build_dla("dla46x_c", **kwargs)
+
+
+@register_model
+def dla60x_c(**kwargs) -> DLA:
+    """DLA-X-60-C (compact, BottleneckX, cardinality 32)."""
+    return build_dla("dla60x_c", **kwargs)
+
+
+@register_model
+def dla60(**kwargs) -> DLA:
+    """DLA-60 (Bottleneck)."""
+    return build_dla("dla60", **kwargs)
+
+
+@register_model
+def dla60x(**kwargs) -> DLA:
+    """DLA-X-60 (BottleneckX, cardinality 32)."""
+    return build_dla("dla60x", **kwargs)
+
+
+@register_model
+def dla102(**kwargs) -> DLA:
+    """DLA-102 (Bottleneck, residual roots)."""
+    return build_dla("dla102", **kwargs)
+
+
+@register_model
+def dla102x(**kwargs) -> DLA:
+    """DLA-X-102 (BottleneckX, cardinality 32, residual roots)."""
+    return build_dla("dla102x", **kwargs)
+
+
+@register_model
+def dla102x2(**kwargs) -> DLA:
+    """DLA-X-102 64 (BottleneckX, cardinality 64, residual roots)."""
+    return build_dla("dla102x2", **kwargs)
+
+
+@register_model
+def dla169(**kwargs) -> DLA:
+    """DLA-169 (Bottleneck, residual roots)."""
+    return build_dla("dla169", **kwargs)
+
+
+@register_model
+def dla60_res2net(**kwargs) -> DLA:
+    """DLA-60 with Res2Net blocks (cardinality 1, width 28, scale 4)."""
+    return build_dla("dla60_res2net", **kwargs)
+
+
+@register_model
+def dla60_res2next(**kwargs) -> DLA:
+    """DLA-60 with Res2NeXt blocks (cardinality 8, width 4, scale 4)."""
+    return build_dla("dla60_res2next", **kwargs)

@@ -1,0 +1,1 @@
+"""Fused DLA operators: one module per op, each with its eager reference, kernels and autograd."""
