@@ -14,10 +14,16 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU: torch.cuda.is_available() is False on this machine")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_full_fp32():
+    """Fresh seed per test; on the GPU, fp32 convs/matmuls in true fp32 (TF32 off), so that fp32 parity means
+    fp32 and not TF32 (dla_fast's fp32 GEMMs follow torch.backends.cudnn.allow_tf32 like eager convs)."""
     torch.manual_seed(0)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

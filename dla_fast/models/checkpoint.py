@@ -88,11 +88,21 @@ def _signature(sd: Mapping[str, torch.Tensor]) -> Dict[str, tuple]:
     return out
 
 
+def _candidates(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """Registered models of the same family (backbone, DLA-Up, CenterNet) as a state dict's keys."""
+    keys = list(state_dict)
+    if any(k.startswith("ida_up.") for k in keys):
+        return list_models("centernet_*")
+    if any(k.startswith("dla_up.") for k in keys):
+        return [n for n in list_models("*up") if not n.startswith("centernet_")]
+    return [n for n in list_models("dla*") if not n.endswith("up")]
+
+
 def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     """Registered models whose weights have exactly the keys and shapes of `state_dict` (head aside)."""
     want = _signature(state_dict)
     matches = []
-    for name in list_models():
+    for name in _candidates(state_dict):
         try:
             with torch.device("meta"):
                 candidate = create_model(name)

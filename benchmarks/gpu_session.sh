@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything one GPU lease does, in one call: build, GPU parity tests, benchmarks. Each stage has a time limit,
+# so a slow stage cannot starve the ones after it; every stage writes its log (and JSON) under $OUT.
+#
+#   bash benchmarks/gpu_session.sh [STAGE ...]
+#   stages: info build test bench-aggregate bench-aggregate-compile bench-upsample bench-bn bench-ida
+#           bench-models (default: all, in that order)
+# Commit the JSON under benchmarks/results/<gpu>/ and make the tables with benchmarks/report.py.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/dla_fast_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python3}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build test bench-aggregate bench-aggregate-compile bench-upsample bench-bn
+                                   bench-ida bench-models)
+
+run_stage() {  # run_stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "=== ${name}"
+  timeout "${limit}" "$@" > "$OUT/${name}.log" 2>&1
+  local rc=$?
+  tail -n 4 "$OUT/${name}.log" | cut -c1-220
+  echo "=== ${name}: rc ${rc}, $((SECONDS - start)) s"
+}
+
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    info) run_stage info 30 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu \
+          --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__)'" ;;
+    build) run_stage build 240 bash -c "$PY -m pip install --no-build-isolation --no-deps -e . && $PY -m dla_fast info" ;;
+    test) run_stage test 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda tests/ ;;
+    bench-aggregate) run_stage bench-aggregate 120 $PY benchmarks/bench_aggregate.py --batches 256 --extra "" \
+          --dtypes bf16,fp32 --providers eager,eager_cl,triton,cuda --out "$OUT/aggregate.json" ;;
+    bench-aggregate-compile) run_stage bench-aggregate-compile 90 $PY benchmarks/bench_aggregate.py --batches 256 \
+          --extra "" --dtypes bf16 --providers compile --roots level2.root,level4.tree2.root \
+          --out "$OUT/aggregate_compile.json" ;;
+    bench-upsample) run_stage bench-upsample 60 $PY benchmarks/bench_upsample_merge.py --out "$OUT/upsample_merge.json" ;;
+    bench-bn) run_stage bench-bn 60 $PY benchmarks/bench_batchnorm_act.py --out "$OUT/batchnorm_act.json" ;;
+    bench-ida) run_stage bench-ida 90 $PY benchmarks/bench_ida.py --out "$OUT/ida.json" ;;
+    bench-models) run_stage bench-models 110 bash -c "$PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 \
+          --providers eager,dla_fast --no-progress --json $OUT/models_inference.json && \
+          $PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 --train --providers eager,dla_fast \
+          --no-progress --json $OUT/models_training.json" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,391 @@
+"""Time a DLA model: latency, images/s and peak memory, for inference or a training step.
+
+    python -m dla_fast bench                                  # dla34, best device, fp32, inference
+    python -m dla_fast bench --model dla60x --dtype bf16 --channels-last --train --json out.json
+
+A training step is forward + backward + SGD step (with a GradScaler under fp16, as AMP training does).
+Each way of running the model is a `Provider`; a run times every provider on a fresh copy of the same
+model and prints one table row (and one benchmark record, see dla_fast.cli.records) per provider.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import sys
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dla_fast
+
+from . import UsageError
+from .records import BenchRecord, device_name, make_record, markdown_table, write_records
+from .timing import PeakMemory, Timing, time_iterations
+
+AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Defaults per device type; the CPU ones keep a dla34 training run under a minute on 2 cores.
+DEFAULTS = {
+    "cuda": dict(batch=32, size=224, warmup=10, iters=50),
+    "cpu": dict(batch=2, size=224, warmup=2, iters=10),
+}
+DLA_STRIDE = 32
+SGD_SETTINGS = dict(lr=1e-3, momentum=0.9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One way to run a model: `prepare(model, config)` turns the eager model (already on the device, in
+    the chosen memory format) into the module to time. `baseline`: what a user gets without dla_fast;
+    other providers' speedups are reported against it."""
+
+    name: str
+    prepare: Callable[[nn.Module, "BenchConfig"], nn.Module]
+    baseline: bool
+    description: str
+
+
+def _prepare_eager(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return model
+
+
+def _prepare_compile(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return torch.compile(model)
+
+
+def _prepare_dla_fast(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return dla_fast.accelerate(model)
+
+
+def _prepare_dla_fast_compile(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return torch.compile(dla_fast.accelerate(model))
+
+
+PROVIDERS: Dict[str, Provider] = {
+    "eager": Provider("eager", _prepare_eager, baseline=True, description="the reference model in eager PyTorch"),
+    "compile": Provider("compile", _prepare_compile, baseline=True,
+                        description="torch.compile (default mode) of the eager model"),
+    "dla_fast": Provider("dla_fast", _prepare_dla_fast, baseline=False,
+                         description="dla_fast.accelerate(model): fused aggregation nodes and IDA steps, "
+                                     "channels_last (kernels chosen by --backend)"),
+    "dla_fast_compile": Provider("dla_fast_compile", _prepare_dla_fast_compile, baseline=False,
+                                 description="torch.compile of the accelerated model"),
+}
+DEFAULT_PROVIDERS = {"cuda": "eager,dla_fast", "cpu": "eager"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Everything one `bench` run measures, validated."""
+
+    model: str
+    checkpoint: Optional[str]
+    device: torch.device
+    dtype: str
+    batch: int
+    size: int
+    channels_last: bool
+    train: bool
+    warmup: int
+    iters: int
+    progress: bool
+    defaults_note: Optional[str]
+    providers: tuple = ("eager",)
+    backend: str = "auto"
+
+    @property
+    def mode(self) -> str:
+        return "train_step" if self.train else "inference"
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return AUTOCAST_DTYPES[self.dtype]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def input_shape(self) -> List[int]:
+        return [self.batch, 3, self.size, self.size]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """AMP autocast in the chosen dtype; nothing for fp32."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="dla34", help=f"model name, one of: {', '.join(dla_fast.list_models())}")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="weights to load with dla_fast.load_checkpoint (default: random weights)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)")
+    parser.add_argument("--dtype", choices=list(AUTOCAST_DTYPES), default="fp32",
+                        help="fp32, or AMP autocast in fp16 / bf16 (default fp32)")
+    parser.add_argument("--batch", type=int, help="images per step (default 32 on GPU, 2 on CPU)")
+    parser.add_argument("--size", type=int, help="image side, a multiple of 32 (default 224)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC (channels_last) model and input")
+    parser.add_argument("--train", action="store_true", help="time a training step: forward + backward + SGD step")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default 10 on GPU, 2 on CPU)")
+    parser.add_argument("--iters", type=int, help="timed calls (default 50 on GPU, 10 on CPU)")
+    parser.add_argument("--providers", help="comma-separated ways to run the model, from: "
+                        f"{', '.join(PROVIDERS)} (default: {DEFAULT_PROVIDERS['cuda']} on GPU, "
+                        f"{DEFAULT_PROVIDERS['cpu']} on CPU, where the fused kernels do not run)")
+    parser.add_argument("--backend", choices=dla_fast.backend.BACKENDS, default="auto",
+                        help="dla_fast backend for the dla_fast providers (default auto)")
+    parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: choose cpu, cuda or cuda:N")
+    return device
+
+
+def _cpu_autocast_works(dtype: torch.dtype) -> bool:
+    """Whether CPU autocast really computes a convolution in `dtype` (older torch silently disables it)."""
+    x, weight = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            return F.conv2d(x, weight).dtype == dtype
+    except RuntimeError:
+        return False
+
+
+def _check_dtype(dtype: str, device: torch.device) -> None:
+    amp_dtype = AUTOCAST_DTYPES[dtype]
+    if amp_dtype is None:
+        return
+    if device.type == "cpu" and not _cpu_autocast_works(amp_dtype):
+        raise UsageError(f"--dtype {dtype}: this PyTorch ({torch.__version__}) has no CPU autocast for {amp_dtype}; "
+                         "use fp32 or bf16 on the CPU")
+    if device.type == "cuda" and amp_dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use fp16")
+
+
+def _positive(value: int, option: str, minimum: int = 1) -> int:
+    if value < minimum:
+        raise UsageError(f"{option} must be at least {minimum}; got {value}")
+    return value
+
+
+def resolve_config(args: argparse.Namespace) -> BenchConfig:
+    """Validate the options and fill in the per-device defaults; UsageError on a bad value."""
+    if args.model not in dla_fast.list_models():
+        try:
+            dla_fast.create_model(args.model)
+        except ValueError as e:  # the registry's message lists the known models
+            raise UsageError(str(e)) from None
+    device = _resolve_device(args.device)
+    defaults = DEFAULTS[device.type]
+    chosen = {key: getattr(args, key) for key in defaults}
+    taken = [key for key, value in chosen.items() if value is None]
+    values = {key: defaults[key] if chosen[key] is None else chosen[key] for key in defaults}
+    _positive(values["batch"], "--batch")
+    _positive(values["iters"], "--iters")
+    _positive(values["warmup"], "--warmup", minimum=0)
+    size = _positive(values["size"], "--size", minimum=DLA_STRIDE)
+    if size % DLA_STRIDE:
+        lower, upper = size // DLA_STRIDE * DLA_STRIDE, -(-size // DLA_STRIDE) * DLA_STRIDE
+        raise UsageError(f"--size {size}: DLA needs image sides divisible by {DLA_STRIDE} (its total stride); "
+                         f"try {lower} or {upper}")
+    _check_dtype(args.dtype, device)
+    providers = tuple(p for p in (args.providers or DEFAULT_PROVIDERS[device.type]).split(",") if p)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown or not providers:
+        raise UsageError(f"--providers: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(PROVIDERS)}")
+    if any(p.startswith("dla_fast") for p in providers):
+        reason = dla_fast.backend.unavailable_reason(args.backend, device)
+        if reason:
+            raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
+    note = None
+    if device.type == "cpu" and taken:
+        why = "no CUDA GPU found" if args.device is None else "--device cpu"
+        note = (f"{why}: small CPU defaults for " + ", ".join(f"{key} {values[key]}" for key in taken)
+                + " (set --batch/--size/--warmup/--iters to change)")
+    return BenchConfig(model=args.model, checkpoint=args.checkpoint, device=device, dtype=args.dtype,
+                       channels_last=args.channels_last, train=args.train, progress=args.progress,
+                       defaults_note=note, providers=providers, backend=args.backend, **values)
+
+
+def build_model(config: BenchConfig) -> nn.Module:
+    """The eager model on the CPU, random or from `--checkpoint`; UsageError when the file does not fit."""
+    model = dla_fast.create_model(config.model)
+    if config.checkpoint:
+        try:
+            dla_fast.load_checkpoint(model, config.checkpoint)
+        except (OSError, RuntimeError, dla_fast.CheckpointMismatch) as e:
+            raise UsageError(f"--checkpoint {config.checkpoint}: {e}") from None
+    return model
+
+
+def training_loss(output: Any) -> torch.Tensor:
+    """Cross-entropy against fixed labels for classifier logits (N, classes); for other outputs
+    (segmentation maps, detection head dicts) the sum of the means of all their tensors."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        labels = torch.arange(output.shape[0], device=output.device) % output.shape[1]
+        return F.cross_entropy(output.float(), labels)
+    if isinstance(output, torch.Tensor):
+        return output.float().mean()
+    parts = output.values() if isinstance(output, dict) else output
+    return sum(training_loss(part) for part in parts)
+
+
+def make_step(model: nn.Module, example: torch.Tensor, config: BenchConfig) -> Callable[[], None]:
+    """The call to time: an inference forward, or a full training step with its own SGD optimizer."""
+    if not config.train:
+        model.eval()
+
+        def inference_step() -> None:
+            with torch.inference_mode(), config.autocast():
+                model(example)
+
+        return inference_step
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), **SGD_SETTINGS)
+    scaler = torch.amp.GradScaler(config.device.type, enabled=config.autocast_dtype is torch.float16)
+
+    def training_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with config.autocast():
+            loss = training_loss(model(example))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return training_step
+
+
+def count_step_flops(model: nn.Module, config: BenchConfig) -> int:
+    """FLOPs of one step of the eager model: the convolutions and matmuls of the forward (and, for a
+    training step, of the backward), counted by torch.utils.flop_counter on a copy on the meta device
+    (no compute, no memory; the count is the same in every dtype and layout)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta_model = copy.deepcopy(model).to("meta").train(config.train)
+    example = torch.empty(config.input_shape, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(config.train):
+        output = meta_model(example)
+        if config.train:
+            training_loss(output).backward()
+    return counter.get_total_flops()
+
+
+def _progress_bar(config: BenchConfig, label: str):
+    """A tqdm bar over warm-up and timed calls on stderr, and the `on_step` callback that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.warmup + config.iters, desc=label, unit="step", leave=False, file=sys.stderr,
+               disable=not config.progress)
+    phase_shown = []
+
+    def on_step(phase: str) -> None:
+        if phase_shown[-1:] != [phase]:
+            phase_shown.append(phase)
+            bar.set_postfix_str(phase)
+        bar.update(1)
+
+    return bar, on_step
+
+
+def bench_provider(provider: Provider, eager_model: nn.Module, config: BenchConfig,
+                   step_flops: Optional[int]) -> BenchRecord:
+    """Time one provider on a fresh copy of `eager_model` and return its record."""
+    model = copy.deepcopy(eager_model).to(config.device, memory_format=config.memory_format)
+    example = torch.randn(config.input_shape, device=config.device).contiguous(memory_format=config.memory_format)
+    model = provider.prepare(model, config)
+    step = make_step(model, example, config)
+    label = provider.name + ("_channels_last" if config.channels_last else "")
+    bar, on_step = _progress_bar(config, f"{config.model} {label} {config.mode}")
+    with bar, PeakMemory(config.device) as memory:
+        timing: Timing = time_iterations(step, config.device, config.warmup, config.iters, on_step)
+    extra = dict(batch=config.batch, image_size=config.size, images_per_s=config.batch / (timing.ms_p50 / 1e3),
+                 peak_mem_mb=memory.mb, peak_mem_kind=memory.kind,
+                 layout="channels_last" if config.channels_last else "nchw",
+                 weights=config.checkpoint or "random", warmup=config.warmup, iters=config.iters)
+    if config.device.type == "cpu":
+        extra["cpu_threads"] = torch.get_num_threads()
+    return make_record(config.model, label, config.mode, config.dtype, config.input_shape, timing, config.device,
+                       min_flops=step_flops, baseline=provider.baseline, extra=extra)
+
+
+def run_benchmarks(config: BenchConfig, providers: List[Provider]) -> List[BenchRecord]:
+    """One record per provider, all on the same weights and input shape.
+
+    The eager model stays on the CPU; each provider times its own copy on the device, so the peak memory
+    of a row holds that provider's model only."""
+    eager_model = build_model(config)
+    step_flops = count_step_flops(eager_model, config)
+    return [bench_provider(provider, eager_model, config, step_flops) for provider in providers]
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_table(records: List[BenchRecord]) -> str:
+    """The records as an aligned markdown table (one row per record)."""
+    headers = ["model", "provider", "device", "dtype", "batch", "size", "mode", "ms p50", "ms p20-p80",
+               "images/s", "TFLOP/s", "peak MB"]
+    rows = []
+    for r in records:
+        rows.append([r.op, r.provider, r.device, r.dtype, r.extra["batch"], r.extra["image_size"],
+                     r.mode.replace("_", " "), _fmt(r.ms_p50, ".2f"), f"{r.ms_p20:.2f}-{r.ms_p80:.2f}",
+                     _fmt(r.extra["images_per_s"], ".1f"), _fmt(r.tflops, ".3g"), _fmt(r.extra["peak_mem_mb"], ".0f")])
+    return markdown_table(headers, rows, right_align=[False] * 4 + [True] * 2 + [False] + [True] * 5)
+
+
+def _footnotes(records: List[BenchRecord], config: BenchConfig, providers: List[Provider]) -> List[str]:
+    first = records[0]
+    flops = "n/a" if first.min_flops is None else f"{first.min_flops / 1e9:.1f} GFLOP per step"
+    return [
+        f"latency: median (p20-p80) per step; {first.timing}",
+        f"peak MB: {first.extra['peak_mem_kind']} during warm-up and timed steps",
+        f"TFLOP/s: conv + matmul FLOPs of the eager model ({flops}, torch.utils.flop_counter) / median time",
+    ] + [f"provider {p.name}: {p.description}" for p in providers] + (
+        [f"backend {config.backend}: {_backend_note(config)}"] if any(p.name.startswith("dla_fast") for p in providers)
+        else []) + (
+        [f"dtype {config.dtype}: AMP autocast"] if config.autocast_dtype is not None else [])
+
+
+def _backend_note(config: BenchConfig) -> str:
+    if config.backend == "auto" and config.device.type != "cuda":
+        return "on the CPU, auto runs the eager path (the fused kernels need a GPU)"
+    return f"kernels of backend {config.backend!r} on {config.device.type}"
+
+
+def run(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    weights = f"checkpoint {config.checkpoint}" if config.checkpoint else "random weights"
+    print(f"dla_fast bench: {config.model} ({weights}) on {config.device} [{device_name(config.device)}]")
+    if config.defaults_note:
+        print(f"note: {config.defaults_note}")
+    providers = [PROVIDERS[name] for name in config.providers]
+    with dla_fast.use_backend(config.backend):
+        records = run_benchmarks(config, providers)
+    print(format_table(records))
+    for line in _footnotes(records, config, providers):
+        print(line)
+    if args.json:
+        write_records(args.json, records)
+        print(f"wrote {len(records)} record(s) to {args.json}")
+    return 0

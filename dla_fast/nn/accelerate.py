@@ -1,0 +1,105 @@
+"""accelerate(model): swap dla_fast's fused modules into a dla_fast or timm DLA model, reversibly."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..models.centernet import IDAUpAdd
+from ..models.dla_up import IDAUp
+from .ida import FusedIDAUp, FusedIDAUpAdd
+from .root import FusedRoot
+
+_STATE_ATTR = "_dla_fast_acceleration"
+
+
+def _root_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]], str]:
+    """(builder of the fused replacement or None, reason) for a DLA aggregation node."""
+    name = type(module).__name__
+    if name not in ("Root", "DlaRoot") or not hasattr(module, "conv") or not hasattr(module, "bn"):
+        return None, ""
+    residual = bool(getattr(module, "residual", getattr(module, "shortcut", False)))
+    conv = module.conv
+    if conv.kernel_size != (1, 1):
+        return None, f"kernel_size {conv.kernel_size} (the fused node takes 1x1; runs eagerly)"
+    if not module.bn.affine:
+        return None, "BatchNorm without affine parameters (runs eagerly)"
+    return (lambda: FusedRoot(conv, module.bn, residual, module)), ""
+
+
+def _ida_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]], str]:
+    """DLA-Up's IDAUp (concat merge) and CenterNet's IDAUpAdd (add merge)."""
+    if isinstance(module, IDAUp):
+        return (lambda: FusedIDAUp(module)), ""
+    if isinstance(module, IDAUpAdd):
+        return (lambda: FusedIDAUpAdd(module)), ""
+    return None, ""
+
+
+# Each converter looks at one module and says how to fuse it (or why it stays eager).
+CONVERTERS: List[Callable[[nn.Module], Tuple[Optional[Callable[[], nn.Module]], str]]] = [
+    _root_conversion, _ida_conversion]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def accelerate(model: nn.Module, channels_last: bool = True, verbose: bool = False) -> nn.Module:
+    """Replace DLA's aggregation nodes (and the other fusable pieces) of `model` by fused modules, in place.
+
+    Works on dla_fast and timm DLA models, on any device, before or after `.to(device)`. Parameters,
+    buffers and state_dict keys stay the same objects; `restore(model)` undoes it. With
+    channels_last=True the model's weights go to channels_last memory format (the fused kernels' layout)
+    and back on restore. Modules that cannot be fused are left eager and named in a warning.
+    Which kernels run is decided at call time by dla_fast.backend. Returns the model.
+    """
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise RuntimeError("this model is already accelerated; call dla_fast.restore(model) first")
+    swapped, skipped = [], []
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        for convert in CONVERTERS:
+            build, reason = convert(module)
+            if build is not None:
+                _replace(model, name, build())
+                swapped.append(name)
+                break
+            if reason:
+                skipped.append(f"{name}: {reason}")
+                break
+    if not swapped:
+        raise ValueError(f"accelerate found nothing to fuse in {type(model).__name__}: it has no DLA "
+                         "aggregation node (Root/DlaRoot) or IDA up-merge step")
+    if skipped:
+        warnings.warn("dla_fast.accelerate left these modules eager:\n  " + "\n  ".join(skipped))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    setattr(model, _STATE_ATTR, dict(swapped=swapped, skipped=skipped, channels_last=channels_last))
+    if verbose:
+        print(f"dla_fast.accelerate: fused {len(swapped)} modules, left {len(skipped)} eager")
+    return model
+
+
+def accelerated_modules(model: nn.Module) -> List[str]:
+    """Names of the modules accelerate() replaced (empty for a model not accelerated)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return list(state["swapped"]) if state else []
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo accelerate(): put the original modules back (same parameters and buffers). Returns the model."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError("this model was not accelerated by dla_fast.accelerate")
+    for name in state["swapped"]:
+        _replace(model, name, model.get_submodule(name).original)
+    if state["channels_last"]:
+        model.to(memory_format=torch.contiguous_format)
+    delattr(model, _STATE_ATTR)
+    return model

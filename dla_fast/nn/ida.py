@@ -1,0 +1,90 @@
+"""Fused IDA up-path modules: drop-ins for DLA-Up's IDAUp (concat merge) and CenterNet's IDAUpAdd (add merge).
+
+Each holds the original module's own submodules (proj_i, up_i, node_i: same parameters, same state_dict keys)
+and runs the same computation through the fused ops:
+- the bilinear transposed-conv upsample is merged with the finer level by `upsample_merge` (the upsampled
+  tensor is never written by itself, and for DLA-Up the concatenation is written directly);
+- every conv + BatchNorm + ReLU keeps its conv (cuDNN, or torchvision's deformable conv) and runs BN + ReLU
+  as one pass with `batchnorm_act`; DLA-Up's 1x1 projections run as a one-child aggregation node (GEMM + BN +
+  ReLU in one kernel).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops.aggregate import aggregate
+from ..ops.batchnorm_act import batchnorm_act
+from ..ops.upsample_merge import upsample_merge
+
+
+def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """ReLU(bn(x)) in one pass, with the module's statistics and training mode."""
+    return batchnorm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                         bn.training, bn.momentum, bn.eps, relu=True)
+
+
+def conv1x1_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """ReLU(bn(conv1x1(x))) as a one-child aggregation node."""
+    return aggregate([x], conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                     bn.training, bn.momentum, bn.eps)
+
+
+class _FusedIDA(nn.Module):
+    """Shares the original IDA module's submodules; `original` gives the module back (for restore)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.in_channels = original.in_channels
+        self.out_channels = original.out_channels
+        self.up_factors = original.up_factors
+        self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_original"]
+
+    def _check(self, layers: Sequence[torch.Tensor]) -> None:
+        if len(layers) != len(self.in_channels):
+            raise ValueError(f"{type(self.original).__name__} was built for {len(self.in_channels)} inputs; "
+                             f"got {len(layers)}")
+
+
+class FusedIDAUp(_FusedIDA):
+    """DLA-Up's IDAUp (dla_fast.models.dla_up.IDAUp), fused: x_i = node_i(cat([x_{i-1}, up_i(proj_i(l_i))]))."""
+
+    def _project(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        proj = getattr(self, f"proj_{i}")
+        return x if isinstance(proj, nn.Identity) else conv1x1_bn_relu(proj[0], proj[1], x)
+
+    def forward(self, layers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        self._check(layers)
+        x = self._project(0, layers[0])  # up_0 is the identity (factor 1)
+        nodes = []
+        for i in range(1, len(layers)):
+            merged = upsample_merge(self._project(i, layers[i]), getattr(self, f"up_{i}").weight, x,
+                                    self.up_factors[i], "concat")
+            node = getattr(self, f"node_{i}")
+            x = bn_relu(node[1], node[0](merged))
+            nodes.append(x)
+        return x, nodes
+
+
+class FusedIDAUpAdd(_FusedIDA):
+    """CenterNet's IDAUpAdd (dla_fast.models.centernet.IDAUpAdd), fused:
+    x_i = node_i(up_i(proj_i(l_i)) + x_{i-1}) with proj/node = conv (deformable or plain) + BN + ReLU."""
+
+    def forward(self, layers: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        self._check(layers)
+        outputs = [layers[0]]
+        for i in range(1, len(layers)):
+            proj, node = getattr(self, f"proj_{i}"), getattr(self, f"node_{i}")
+            projected = bn_relu(proj.actf[0], proj.conv(layers[i]))
+            merged = upsample_merge(projected, getattr(self, f"up_{i}").weight, outputs[-1], self.up_factors[i],
+                                    "add")
+            outputs.append(bn_relu(node.actf[0], node.conv(merged)))
+        return outputs

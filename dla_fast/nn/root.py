@@ -1,0 +1,41 @@
+"""FusedRoot: a drop-in for DLA's aggregation node (dla_fast's Root or timm's DlaRoot)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from ..ops.aggregate import aggregate
+
+
+class FusedRoot(nn.Module):
+    """ReLU(BN(conv1x1(cat(children))) [+ children[0]]) through dla_fast.ops.aggregate.
+
+    Holds the original Root's `conv` and `bn` modules themselves (shared, not copied), so parameters,
+    buffers and state_dict keys are unchanged; `original` returns the module it replaced. With backend
+    'torch' it computes the eager reference.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: bool, original: nn.Module):
+        super().__init__()
+        if conv.kernel_size != (1, 1) or conv.bias is not None or conv.groups != 1:
+            raise ValueError(f"FusedRoot needs a 1x1 conv without bias or groups; got {conv}")
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
+            raise ValueError(f"FusedRoot needs an affine BatchNorm2d; got {bn}")
+        self.conv = conv
+        self.bn = bn
+        self.residual = residual
+        self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_original"]
+
+    def forward(self, children: List[torch.Tensor]) -> torch.Tensor:
+        bn = self.bn
+        return aggregate(children, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                         bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, self.residual)
+
+    def extra_repr(self) -> str:
+        return f"{self.conv.in_channels} -> {self.conv.out_channels}, residual={self.residual}"

@@ -1,0 +1,675 @@
+"""The DLA aggregation node, fused: N(x_1..x_n) = ReLU(BN(W [x_1; ...; x_n]) [+ x_1]).
+
+Eager PyTorch writes the concatenation, then runs a 1x1 conv, a BatchNorm and a ReLU, each a pass over
+memory. Here the 1x1 conv is a GEMM  y[M, Cout] = sum_i x_i[M, C_i] @ W[:, K_i]^T  (M = N*H*W, the K
+dimension split across the children, each child read through its own pointer, the concatenation never
+written), and BatchNorm, the residual and the ReLU are applied in the GEMM's epilogue.
+
+Layouts: activations are NHWC (channels_last), seen as row-major [M, C]; NCHW inputs are converted once.
+The 1x1 conv weight is [Cout, K] with K = sum C_i in the children's order.
+
+Kernels (Triton, fp32 accumulation, int64 row offsets):
+- `aggregate_fwd_kernel`: the GEMM; its epilogue either applies BN (+residual) + ReLU with given statistics
+  (eval) and/or writes the pre-BN output y together with per-tile channel sums and centred sums of squares
+  (training), merged by `channel_stats_merge_kernel` (Chan's parallel variance, deterministic).
+- training forward then normalizes y with the batch statistics (`bn_apply` of dla_fast.ops.batchnorm_act).
+- `aggregate_grad_input_kernel`: grad of every child = dy @ W_i, where dy (the gradient at y) is computed on
+  the fly from grad_out, the saved output (ReLU mask) and y; child 0 also gets the residual's gradient.
+  The programs of the first column tile also store dy for the weight gradient.
+- `aggregate_grad_weight_kernel`: grad W = dy^T @ [x_1 ... x_n], split over M, partials summed once.
+
+The public entry point is `aggregate(...)`, which picks the implementation with dla_fast.backend
+(op name "aggregate"); the kernels are wrapped as the torch.library custom ops `dla_fast::aggregate_fwd`
+and `dla_fast::aggregate_bwd`, with fake implementations and registered autograd.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import backend
+from .batchnorm_act import bn_apply, bn_backward_reduce
+from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
+
+MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
+CHILD_SLOTS = tl.constexpr(MAX_CHILDREN)
+OP_NAME = "aggregate"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eager reference
+# --------------------------------------------------------------------------------------------------------
+def aggregate_reference(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                        bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor],
+                        running_var: Optional[torch.Tensor], training: bool, momentum: Optional[float],
+                        eps: float, residual: bool, num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """cat -> conv (any kernel size, 'same' padding) -> BatchNorm2d -> [+ children[0]] -> ReLU, eagerly.
+
+    BatchNorm follows nn.BatchNorm2d exactly, running statistics and num_batches_tracked included.
+    """
+    x = F.conv2d(torch.cat(list(children), 1), weight, padding=(weight.shape[-1] - 1) // 2)
+    factor = 0.0 if momentum is None else momentum
+    if training and running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    x = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias,
+                     uses_batch_stats(training, running_mean, running_var), factor, eps)
+    if residual:
+        x = x + children[0]
+    return F.relu(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _accumulate_child(acc, x_ptr, C, w_ptr, k_offset, stride_wn, offs_m, mask_m, offs_n, mask_n,
+                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[BM, BN] += x[offs_m, :C] @ W[offs_n, k_offset : k_offset + C]^T for one child."""
+    x_rows = x_ptr + offs_m[:, None] * C
+    w_cols = w_ptr + offs_n[None, :] * stride_wn + k_offset
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        a = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_cols + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def aggregate_fwd_kernel(
+    x0, x1, x2, x3, x4, x5, x6, x7,          # children, NHWC rows [M, C_i]
+    c0, c1, c2, c3, c4, c5, c6, c7,          # their channel counts
+    w_ptr, stride_wn,                        # W [Cout, K], row stride
+    out_ptr, y_ptr,                          # out [M, Cout] (APPLY_BN), pre-BN y [M, Cout] (STORE_PREACT)
+    part_sum_ptr, part_m2_ptr,               # per-row-tile channel sums / centred sums of squares [tiles, Cout]
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr,  # per-channel fp32 statistics and affine (APPLY_BN)
+    M, Cout, eps,
+    NUM_CHILDREN: tl.constexpr, RESIDUAL: tl.constexpr,
+    APPLY_BN: tl.constexpr, STORE_PREACT: tl.constexpr, COMPUTE_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Cout
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_offset = 0
+    for i in tl.static_range(CHILD_SLOTS):
+        if i < NUM_CHILDREN:
+            C = (c0, c1, c2, c3, c4, c5, c6, c7)[i]
+            acc = _accumulate_child(acc, (x0, x1, x2, x3, x4, x5, x6, x7)[i], C, w_ptr, k_offset, stride_wn,
+                                    offs_m, mask_m, offs_n, mask_n, BLOCK_K, DOT_PRECISION)
+            k_offset += C
+
+    tile = offs_m[:, None] * Cout + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_PREACT:
+        tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if COMPUTE_STATS:
+        rows = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+        acc_valid = tl.where(mask_m[:, None], acc, 0.0)
+        tile_sum = tl.sum(acc_valid, axis=0)
+        centred = tl.where(mask_m[:, None], acc - (tile_sum / rows)[None, :], 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=0)
+        tl.store(part_sum_ptr + pid_m * Cout + offs_n, tile_sum, mask=mask_n)
+        tl.store(part_m2_ptr + pid_m * Cout + offs_n, tile_m2, mask=mask_n)
+    if APPLY_BN:
+        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+        var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0)
+        gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0)
+        beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0)
+        scale = gamma * tl.rsqrt(var + eps)
+        z = acc * scale[None, :] + (beta - mean * scale)[None, :]
+        if RESIDUAL:  # child 0 has Cout channels
+            z += tl.load(x0 + tile, mask=mask, other=0.0).to(tl.float32)
+        z = tl.maximum(z, 0.0)
+        tl.store(out_ptr + tile, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
+                               running_mean_ptr, running_var_ptr, num_batches_ptr, momentum,
+                               M, C, num_tiles, TILE_ROWS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+                               CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge per-tile (sum, centred M2) of TILE_ROWS rows each into the mean and biased variance per channel,
+    and with UPDATE_RUNNING fold them into the running statistics as nn.BatchNorm2d does (unbiased variance;
+    factor `momentum`, or 1 / num_batches_tracked when CUMULATIVE, the counter already incremented).
+
+    Chan et al.: M2 = sum_t M2_t + sum_t n_t (mean_t - mean)^2, with the global mean from the first pass.
+    """
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < num_tiles)[:, None] & mask_c[None, :]
+        total += tl.sum(tl.load(part_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0), axis=0)
+    mean = total / M
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        valid_t = offs_t < num_tiles
+        mask = valid_t[:, None] & mask_c[None, :]
+        rows = tl.minimum(M - offs_t.to(tl.int64) * TILE_ROWS, TILE_ROWS).to(tl.float32)
+        rows = tl.where(valid_t, rows, 1.0)
+        tile_sum = tl.load(part_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        tile_m2 = tl.load(part_m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        delta = tile_sum / rows[:, None] - mean[None, :]
+        m2 += tl.sum(tl.where(mask, tile_m2 + rows[:, None] * delta * delta, 0.0), axis=0)
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, m2 / M, mask=mask_c)
+    if UPDATE_RUNNING:
+        if CUMULATIVE:
+            factor = 1.0 / tl.load(num_batches_ptr).to(tl.float32)
+        else:
+            factor = momentum
+        running_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        running_var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        running_mean = running_mean * (1.0 - factor) + mean * factor
+        running_var = running_var * (1.0 - factor) + m2 / (M - 1) * factor
+        tl.store(running_mean_ptr + offs_c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(running_var_ptr + offs_c, running_var.to(running_var_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_n,
+                        grad_out_ptr, out_ptr, y_ptr, dy_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr, var_ptr, gamma_ptr,
+                        w_ptr, stride_wn, offs_m, mask_m, M, Cout, eps, store_dy,
+                        RESIDUAL: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One gradient tile of child i: rows offs_m, its column tile pid_n - tile_start.
+
+    grad x_i = dy @ W[:, k_offset : k_offset + C] with dy, the gradient at the pre-BN y, computed on the fly
+    from g = grad_out where out > 0 (the ReLU mask from the saved output):
+      batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
+                          written as k*g + coef_y*y + coef_1 per channel;
+      running statistics: dy = k g.
+    The programs with store_dy also write dy for the weight gradient.
+    """
+    offs_c = (pid_n - tile_start) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for co0 in range(0, Cout, BLOCK_CO):
+        offs_co = co0 + tl.arange(0, BLOCK_CO)
+        mask_co = offs_co < Cout
+        tile = offs_m[:, None] * Cout + offs_co[None, :]
+        mask = mask_m[:, None] & mask_co[None, :]
+        invstd = tl.rsqrt(tl.load(var_ptr + offs_co, mask=mask_co, other=1.0) + eps)
+        k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
+        grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.where(out > 0.0, grad_out, 0.0) * k[None, :]
+        if BATCH_STATS:
+            mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
+            sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
+            sum_gx = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0)
+            coef_y = -k * invstd * sum_gx / M
+            coef_1 = k * (mean * invstd * sum_gx - sum_g) / M
+            y = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            dy += y * coef_y[None, :] + coef_1[None, :]
+        dy = tl.where(mask, dy, 0.0).to(dy_ptr.dtype.element_ty)
+        if store_dy:
+            tl.store(dy_ptr + tile, dy, mask=mask)
+        w = tl.load(w_ptr + offs_co[:, None] * stride_wn + k_offset + offs_c[None, :],
+                    mask=mask_co[:, None] & mask_c[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+    tile = offs_m[:, None] * C + offs_c[None, :]
+    mask = mask_m[:, None] & mask_c[None, :]
+    if RESIDUAL and i == 0:  # the residual's gradient is g itself (child 0 has Cout channels)
+        grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(out > 0.0, grad_out, 0.0)
+    tl.store(grad_ptr + tile, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def aggregate_grad_input_kernel(
+    g0, g1, g2, g3, g4, g5, g6, g7,          # gradients of the children, NHWC rows [M, C_i] (outputs)
+    c0, c1, c2, c3, c4, c5, c6, c7,
+    grad_out_ptr, out_ptr, y_ptr, dy_ptr,    # [M, Cout]; dy_ptr is written by the first column of programs
+    sum_g_ptr, sum_gx_ptr, mean_ptr, var_ptr, gamma_ptr,   # per-channel fp32 BatchNorm backward inputs
+    w_ptr, stride_wn, M, Cout, eps,
+    NUM_CHILDREN: tl.constexpr, RESIDUAL: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (row tiles, column tiles of all children side by side): each program owns one child's tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    store_dy = pid_n == 0
+    start = 0
+    k_offset = 0
+    for i in tl.static_range(CHILD_SLOTS):
+        if i < NUM_CHILDREN:
+            C = (c0, c1, c2, c3, c4, c5, c6, c7)[i]
+            end = start + tl.cdiv(C, BLOCK_C)
+            if (pid_n >= start) & (pid_n < end):
+                _grad_child_program(i, start, (g0, g1, g2, g3, g4, g5, g6, g7)[i], C, k_offset, pid_n,
+                                    grad_out_ptr, out_ptr, y_ptr, dy_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr,
+                                    var_ptr, gamma_ptr, w_ptr, stride_wn, offs_m, mask_m, M, Cout, eps,
+                                    store_dy, RESIDUAL, BATCH_STATS, BLOCK_M, BLOCK_C, BLOCK_CO, DOT_PRECISION)
+            start = end
+            k_offset += C
+
+
+@triton.jit
+def aggregate_grad_weight_kernel(
+    x0, x1, x2, x3, x4, x5, x6, x7,          # children, NHWC rows [M, C_i]
+    c0, c1, c2, c3, c4, c5, c6, c7,
+    dy_ptr, partial_ptr,                     # dy [M, Cout]; partial grad W [splits, Cout, K] fp32
+    M, Cout, K, rows_per_split,
+    NUM_CHILDREN: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (Cout tiles, column tiles of all children, splits of M): partial dW = dy^T @ x over a row range."""
+    pid_co = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    mask_co = offs_co < Cout
+    row_start = pid_s.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    start = 0
+    k_offset = 0
+    for i in tl.static_range(CHILD_SLOTS):
+        if i < NUM_CHILDREN:
+            x_ptr = (x0, x1, x2, x3, x4, x5, x6, x7)[i]
+            C = (c0, c1, c2, c3, c4, c5, c6, c7)[i]
+            end = start + tl.cdiv(C, BLOCK_C)
+            if (pid_n >= start) & (pid_n < end):
+                offs_c = (pid_n - start) * BLOCK_C + tl.arange(0, BLOCK_C)
+                mask_c = offs_c < C
+                acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
+                for m0 in range(row_start, row_end, BLOCK_M):
+                    offs_m = m0 + tl.arange(0, BLOCK_M)
+                    mask_m = offs_m < row_end
+                    dy = tl.load(dy_ptr + offs_m[:, None] * Cout + offs_co[None, :],
+                                 mask=mask_m[:, None] & mask_co[None, :], other=0.0)
+                    x = tl.load(x_ptr + offs_m[:, None] * C + offs_c[None, :],
+                                mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+                    acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)
+                tl.store(partial_ptr + pid_s.to(tl.int64) * Cout * K + offs_co[:, None] * K + k_offset + offs_c[None, :],
+                         acc, mask=mask_co[:, None] & mask_c[None, :])
+            start = end
+            k_offset += C
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow PyTorch's cuDNN setting: TF32 when torch.backends.cudnn.allow_tf32 (the default)."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Tile-size overrides for tuning sweeps (benchmarks/bench_aggregate.py --sweep): kernel name -> blocks.
+TILE_OVERRIDES: dict = {}
+
+
+def _tile_sizes(kernel: str, m: int, cout: int, dtype: torch.dtype, device: torch.device) -> Tuple[int, int, int]:
+    """Block sizes of a GEMM kernel: 'fwd' (BLOCK_M, BLOCK_N, BLOCK_K), 'grad_input' (BLOCK_M, BLOCK_C,
+    BLOCK_CO), 'grad_weight' (BLOCK_CO, BLOCK_C, BLOCK_M). On CPU (the Triton interpreter) large tiles keep
+    the number of interpreted programs small (the interpreter's cost is per program and per operation, not
+    per element); on GPU 16-bit inputs take deeper K tiles than fp32."""
+    if kernel in TILE_OVERRIDES:
+        return TILE_OVERRIDES[kernel]
+    if device.type != "cuda":
+        return {"fwd": (128, 256, 256), "grad_input": (128, 256, 256), "grad_weight": (256, 256, 128)}[kernel]
+    k = 32 if dtype == torch.float32 else 64
+    return {"fwd": (128 if m >= 4096 else 64, _pow2_clamp(cout, 16, 128), k),
+            "grad_input": (64, k, k),
+            "grad_weight": (_pow2_clamp(cout, 16, 64), 64, k)}[kernel]
+
+
+def _launch_options(block_elems: int, device: torch.device) -> dict:
+    """num_warps / num_stages for a GEMM tile of block_elems outputs (ignored by the interpreter)."""
+    if device.type != "cuda":
+        return {}
+    return dict(num_warps=8 if block_elems >= 128 * 128 else 4, num_stages=3)
+
+
+def _pad_children(tensors: Sequence[torch.Tensor]) -> Tuple[list, list]:
+    """The 8 pointer and channel-count slots of the kernels (unused slots repeat child 0, count 0)."""
+    ptrs = list(tensors) + [tensors[0]] * (MAX_CHILDREN - len(tensors))
+    counts = [t.shape[-1] for t in tensors] + [0] * (MAX_CHILDREN - len(tensors))
+    return ptrs, counts
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW-shaped tensor as NHWC rows [N*H*W, C] (copies once if it is not channels_last)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _nchw_view(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """NHWC rows [N*H*W, C] back to an (N, C, H, W)-shaped channels_last tensor without copying."""
+    n, _, h, w = like.shape
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 buffer passed for pointer arguments a kernel variant never reads (an empty CUDA
+    tensor has a null data pointer, which Triton's launcher refuses)."""
+    if device not in _SCRATCH:
+        _SCRATCH[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _SCRATCH[device]
+
+
+def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl,
+                    running=None):
+    """The fused forward. Returns (out, pre-BN y or an empty tensor, batch mean, batch biased var); out and y
+    are channels_last (N, Cout, H, W), the statistics fp32 [Cout] (empty when normalizing with mean/var).
+
+    running: (running_mean, running_var, num_batches_tracked, momentum) to update in the statistics kernel
+    (the counter already incremented by the caller), or None.
+    """
+    first = children[0]
+    n, _, h, w = first.shape
+    m = n * h * w
+    cout = weight.shape[0]
+    dtype, device = first.dtype, first.device
+    rows = [_rows(c) for c in children]
+    w2d = weight.reshape(cout, -1).to(dtype).contiguous()
+    f32 = dict(dtype=torch.float32, device=device)
+    store_preact = batch_stats or save_preact
+    out_rows = torch.empty((m, cout), dtype=dtype, device=device)
+    y_rows = torch.empty((m, cout), dtype=dtype, device=device) if store_preact else None
+    preact = _nchw_view(y_rows, first) if store_preact else first.new_empty(0)
+    if m == 0:
+        size = cout if batch_stats else 0
+        return _nchw_view(out_rows, first), preact, torch.zeros(size, **f32), torch.zeros(size, **f32)
+
+    scratch = _scratch(device)
+    block_m, block_n, block_k = _tile_sizes("fwd", m, cout, dtype, device)
+    tiles_m = triton.cdiv(m, block_m)
+    ptrs, counts = _pad_children(rows)
+    if batch_stats:
+        part_sum = torch.empty((tiles_m, cout), **f32)
+        part_m2 = torch.empty((tiles_m, cout), **f32)
+    aggregate_fwd_kernel[(tiles_m, triton.cdiv(cout, block_n))](
+        *ptrs, *counts, w2d, w2d.stride(0), out_rows, y_rows if store_preact else scratch,
+        part_sum if batch_stats else scratch, part_m2 if batch_stats else scratch,
+        scratch if batch_stats else mean, scratch if batch_stats else var, bn_weight, bn_bias, m, cout, eps,
+        NUM_CHILDREN=len(children), RESIDUAL=residual, APPLY_BN=not batch_stats, STORE_PREACT=store_preact,
+        COMPUTE_STATS=batch_stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(dtype), **_launch_options(block_m * block_n, device))
+    if not batch_stats:
+        return _nchw_view(out_rows, first), preact, torch.empty(0, **f32), torch.empty(0, **f32)
+
+    batch_mean = torch.empty(cout, **f32)
+    batch_var = torch.empty(cout, **f32)
+    running_mean, running_var, num_batches, momentum = running or (scratch, scratch, None, 0.0)
+    # Narrow channel blocks, long tile blocks: the merge is latency-bound, so spread it over more programs.
+    channel_stats_merge_kernel[(triton.cdiv(cout, 16),)](
+        part_sum, part_m2, batch_mean, batch_var, running_mean, running_var,
+        scratch if num_batches is None else num_batches, 0.0 if momentum is None else momentum, m, cout, tiles_m,
+        TILE_ROWS=block_m, UPDATE_RUNNING=running is not None, CUMULATIVE=momentum is None, BLOCK_T=256,
+        BLOCK_C=16)
+    bn_apply(y_rows, batch_mean, batch_var, bn_weight, bn_bias, eps, residual2d=rows[0] if residual else None,
+             relu=True, impl=impl, out=out_rows)
+    return _nchw_view(out_rows, first), preact, batch_mean, batch_var
+
+
+def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl):
+    """The fused backward. Returns ([grad of each child], grad of the conv weight, grad of the BN weight, grad
+    of the BN bias); mean/var are what the forward normalized with (fp32 [Cout])."""
+    first = children[0]
+    n, _, h, w = first.shape
+    m = n * h * w
+    cout, k_total = weight.shape[0], weight.shape[1]
+    dtype, device = first.dtype, first.device
+    rows = [_rows(c) for c in children]
+    grad_rows = [torch.empty_like(r) for r in rows]
+    if m == 0:
+        grads = [_nchw_view(g, c) for g, c in zip(grad_rows, children)]
+        zeros = torch.zeros(cout, dtype=torch.float32, device=device)
+        return grads, torch.zeros_like(weight), zeros, zeros.clone()
+    g_rows, out_rows, y_rows = _rows(grad_out.to(dtype)), _rows(out), _rows(preact)
+    sum_g, sum_gx = bn_backward_reduce(g_rows, out_rows, y_rows, mean, var, eps, relu=True, impl=impl)
+    w2d = weight.reshape(cout, -1).to(dtype).contiguous()
+    dy_rows = torch.empty((m, cout), dtype=dtype, device=device)
+    precision = _dot_precision(dtype)
+    ptrs, counts = _pad_children(rows)
+    grad_ptrs, _ = _pad_children(grad_rows)
+
+    block_m, block_c, block_co = _tile_sizes("grad_input", m, cout, dtype, device)
+    col_tiles = sum(triton.cdiv(c, block_c) for c in counts if c)
+    aggregate_grad_input_kernel[(triton.cdiv(m, block_m), col_tiles)](
+        *grad_ptrs, *counts, g_rows, out_rows, y_rows, dy_rows, sum_g, sum_gx, mean, var, bn_weight,
+        w2d, w2d.stride(0), m, cout, eps,
+        NUM_CHILDREN=len(children), RESIDUAL=residual, BATCH_STATS=batch_stats,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision,
+        **_launch_options(block_m * block_c, device))
+
+    block_wco, block_wc, block_wm = _tile_sizes("grad_weight", m, cout, dtype, device)
+    wcol_tiles = sum(triton.cdiv(c, block_wc) for c in counts if c)
+    tiles = triton.cdiv(cout, block_wco) * wcol_tiles
+    splits = max(1, min(triton.cdiv(4 * _num_sms(device), tiles), triton.cdiv(m, 8 * block_wm)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_wm) * block_wm
+    splits = triton.cdiv(m, rows_per_split)
+    partial = torch.empty((splits, cout, k_total), dtype=torch.float32, device=device)
+    aggregate_grad_weight_kernel[(triton.cdiv(cout, block_wco), wcol_tiles, splits)](
+        *ptrs, *counts, dy_rows, partial, m, cout, k_total, rows_per_split,
+        NUM_CHILDREN=len(children), BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
+        DOT_PRECISION=precision, **_launch_options(block_wco * block_wc, device))
+    grad_weight = (partial[0] if splits == 1 else partial.sum(0)).view_as(weight).to(weight.dtype)
+    grads = [_nchw_view(g, c) for g, c in zip(grad_rows, children)]
+    return grads, grad_weight, sum_gx, sum_g
+
+
+# --------------------------------------------------------------------------------------------------------
+# Autograd: a plain autograd.Function in eager mode (the least host overhead per call), and the same
+# computation as torch.library custom ops under torch.compile (functional: the caller updates the running
+# statistics, which inductor fuses into one kernel).
+# --------------------------------------------------------------------------------------------------------
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32)
+
+
+def _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var, config) -> None:
+    ctx.save_for_backward(out, preact, mean, var, weight, bn_weight, *children)
+    ctx.config = config  # (eps, residual, batch_stats, has_preact, impl)
+
+
+def _run_backward(ctx, grad_out):
+    eps, residual, batch_stats, has_preact, impl = ctx.config
+    if not has_preact:
+        raise RuntimeError("dla_fast aggregate: the forward ran without saving its pre-BN output (no input "
+                           "required grad at the time); run the forward with gradients enabled")
+    out, preact, mean, var, weight, bn_weight, *children = ctx.saved_tensors
+    return aggregate_bwd(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual,
+                         batch_stats, impl)
+
+
+class _AggregateFunction(torch.autograd.Function):
+    """Eager-mode autograd for the fused node; updates the running statistics in its statistics kernel."""
+
+    @staticmethod
+    def forward(ctx, config, running, weight, bn_weight, bn_bias, mean, var, *children):
+        eps, residual, batch_stats, save_preact, impl = config
+        out, preact, batch_mean, batch_var = _forward_triton(
+            children, weight, _fp32(bn_weight), _fp32(bn_bias), _fp32(mean), _fp32(var), eps, residual,
+            batch_stats, save_preact, impl, running)
+        if batch_stats:
+            mean, var = batch_mean, batch_var
+        _save_for_backward(ctx, children, weight, bn_weight, out, preact, _fp32(mean), _fp32(var),
+                           (eps, residual, batch_stats, batch_stats or save_preact, impl))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out)
+        return None, None, grad_w, grad_gamma, grad_beta, None, None, *grads
+
+
+def _empty_like_rows(like: torch.Tensor, channels: int) -> torch.Tensor:
+    n, _, h, w = like.shape
+    return torch.empty((n, channels, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("dla_fast::aggregate_fwd", mutates_args=())
+def aggregate_fwd(children: List[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                  bn_bias: torch.Tensor, mean: Optional[torch.Tensor], var: Optional[torch.Tensor], eps: float,
+                  residual: bool, batch_stats: bool, save_preact: bool, impl: str
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, pre-BN y or empty, batch mean or empty, batch biased var or empty); out/y channels_last.
+
+    batch_stats: normalize with this batch's statistics (returned), else with `mean`/`var`.
+    save_preact: also write y when normalizing with given statistics (needed by the backward).
+    """
+    return _forward_triton(children, weight, _fp32(bn_weight), _fp32(bn_bias), _fp32(mean), _fp32(var), eps,
+                           residual, batch_stats, save_preact, impl)
+
+
+@aggregate_fwd.register_fake
+def _(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl):
+    first, cout = children[0], weight.shape[0]
+    out = _empty_like_rows(first, cout)
+    y = _empty_like_rows(first, cout) if (batch_stats or save_preact) else first.new_empty(0)
+    stat = first.new_empty((cout,) if batch_stats else (0,), dtype=torch.float32)
+    return out, y, stat, stat.clone()
+
+
+@torch.library.custom_op("dla_fast::aggregate_bwd", mutates_args=())
+def aggregate_bwd(grad_out: torch.Tensor, out: torch.Tensor, preact: torch.Tensor, children: List[torch.Tensor],
+                  weight: torch.Tensor, bn_weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                  residual: bool, batch_stats: bool, impl: str
+                  ) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grads of the children, grad of the conv weight, grad of BN weight, grad of BN bias)."""
+    grads, grad_w, grad_gamma, grad_beta = _backward_triton(
+        grad_out, out, preact, children, weight, _fp32(bn_weight), _fp32(mean), _fp32(var), eps, residual,
+        batch_stats, impl)
+    return grads, grad_w, grad_gamma.to(bn_weight.dtype), grad_beta.to(bn_weight.dtype)
+
+
+@aggregate_bwd.register_fake
+def _(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl):
+    grads = [_empty_like_rows(c, c.shape[1]) for c in children]
+    return grads, torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_weight)
+
+
+def _custom_op_setup_context(ctx, inputs, output):
+    children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl = inputs
+    out, preact, batch_mean, batch_var = output
+    if batch_stats:
+        mean, var = batch_mean, batch_var
+    _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var,
+                       (eps, residual, batch_stats, batch_stats or save_preact, impl))
+
+
+def _custom_op_backward(ctx, grad_out, grad_preact, grad_mean, grad_var):
+    grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out)
+    return grads, grad_w, grad_gamma, grad_beta, None, None, None, None, None, None, None
+
+
+aggregate_fwd.register_autograd(_custom_op_backward, setup_context=_custom_op_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------
+def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                 residual: bool) -> None:
+    """Raise ValueError naming the problem for inputs the aggregation node cannot take."""
+    if not isinstance(children, (list, tuple)) or not 1 <= len(children) <= MAX_CHILDREN:
+        count = len(children) if isinstance(children, (list, tuple)) else type(children).__name__
+        raise ValueError(f"aggregate takes a list of 1 to {MAX_CHILDREN} children; got {count}")
+    first = children[0]
+    for i, c in enumerate(children):
+        if not isinstance(c, torch.Tensor) or c.dim() != 4:
+            raise ValueError(f"child {i} must be a 4-D (N, C, H, W) tensor; got "
+                             f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
+        if c.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"child {i} has dtype {c.dtype}; aggregate supports float32, float16, bfloat16")
+        if c.dtype != first.dtype:
+            raise ValueError(f"children must share a dtype: child 0 is {first.dtype}, child {i} is {c.dtype}")
+        if c.device != first.device:
+            raise ValueError(f"children must be on one device: child 0 is on {first.device}, child {i} on {c.device}")
+        if c.shape[0] != first.shape[0] or c.shape[2:] != first.shape[2:]:
+            raise ValueError(f"children must share batch and spatial size: child 0 is {tuple(first.shape)}, "
+                             f"child {i} is {tuple(c.shape)}")
+    channels = sum(c.shape[1] for c in children)
+    if weight.dim() != 4 or weight.shape[1] != channels:
+        raise ValueError(f"conv weight {tuple(weight.shape)} does not fit the children: they have {channels} "
+                         f"channels in all ({' + '.join(str(c.shape[1]) for c in children)})")
+    if weight.device != first.device:
+        raise ValueError(f"conv weight is on {weight.device}, the children on {first.device}")
+    cout = weight.shape[0]
+    if bn_weight.shape != (cout,):
+        raise ValueError(f"BatchNorm has {bn_weight.numel()} channels; the conv has {cout} outputs")
+    if residual and first.shape[1] != cout:
+        raise ValueError(f"a residual root adds child 0 to its output: child 0 has {first.shape[1]} channels, "
+                         f"the output {cout}")
+
+
+def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+              bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+              running_var: Optional[torch.Tensor] = None, num_batches_tracked: Optional[torch.Tensor] = None,
+              training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
+              residual: bool = False) -> torch.Tensor:
+    """ReLU(BatchNorm2d(conv1x1(cat(children))) [+ children[0]]), fused, with nn.BatchNorm2d semantics.
+
+    children: 1..8 tensors (N, C_i, H, W) of one dtype (fp32/fp16/bf16) and device, any memory format
+    (channels_last avoids a copy). weight: (Cout, sum C_i, 1, 1); bn_*: BatchNorm2d's tensors; in training
+    the running statistics and num_batches_tracked are updated in place. Returns (N, Cout, H, W) in
+    channels_last memory format. The implementation comes from dla_fast.backend (op "aggregate").
+    """
+    check_inputs(children, weight, bn_weight, residual)
+    impl = backend.resolve(children[0].device, OP_NAME)
+    if impl == "torch":
+        return aggregate_reference(children, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                   momentum, eps, residual, num_batches_tracked)
+    if weight.shape[-2:] != (1, 1):
+        raise ValueError(f"the fused aggregation node takes 1x1 convs; got kernel {tuple(weight.shape[-2:])} "
+                         "(use backend 'torch' for other kernel sizes)")
+    batch_stats = uses_batch_stats(training, running_mean, running_var)
+    first = children[0]
+    count = first.shape[0] * first.shape[2] * first.shape[3]
+    if training:
+        check_batch_size(count, weight.shape[0])
+    save_preact = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*children, weight, bn_weight, bn_bias))
+    given = (None, None) if batch_stats else (running_mean, running_var)
+    if torch.compiler.is_compiling():
+        out, _, batch_mean, batch_var = aggregate_fwd(list(children), weight, bn_weight, bn_bias, *given, eps,
+                                                      residual, batch_stats, save_preact, impl)
+        if training:
+            update_running_stats(running_mean, running_var, num_batches_tracked, momentum, batch_mean, batch_var,
+                                 count)
+        return out
+    running = None
+    if training and running_mean is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        elif momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        running = (running_mean, running_var, num_batches_tracked, momentum)
+    return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
+                                    bn_bias, *given, *children)

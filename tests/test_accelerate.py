@@ -1,0 +1,255 @@
+"""accelerate() on whole DLA models: same state_dict, outputs, gradients and BN statistics; reversible.
+
+Whole-model outputs are compared directly in eval mode. Gradients, and everything in training mode, are
+compared module by module: every fused module is replayed, from the state it had, on the inputs and output
+gradients it really saw inside the model, against the eager module it replaced. Whole-model fp32 gradients of
+a deep BatchNorm network are chaotic under any change of summation order (ReLU and max-pool ties, batch
+statistics over few values): eager PyTorch itself, NCHW or channels_last, is 1e-3..1e-2 away from an fp64
+run on these inputs, so a direct comparison would test the conditioning, not the kernels.
+"""
+import copy
+
+import pytest
+import torch
+
+import dla_fast
+from dla_fast.nn import FusedIDAUp, FusedIDAUpAdd, FusedRoot
+
+from helpers import assert_close, randomize_bn
+
+timm = pytest.importorskip("timm")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED_TYPES = (FusedRoot, FusedIDAUp, FusedIDAUpAdd)
+
+
+class LaunchCounter:
+    """Counts Triton kernel launches by name (interpreter or GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        if DEVICE == "cpu":
+            from triton.runtime.interpreter import InterpretedFunction as kernel_class
+        else:
+            from triton.runtime.jit import JITFunction as kernel_class
+        original = kernel_class.run
+        names = self.names
+
+        def counting_run(self, *args, **kwargs):
+            names.append(self.fn.__name__)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kernel_class, "run", counting_run)
+
+
+def _flat(value):
+    """The tensors of a module's input or output (tensors, lists, tuples), each once."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    out = []
+    for item in value:
+        out += [t for t in _flat(item) if all(t is not o for o in out)]
+    return out
+
+
+def _rebuild(value, tensors):
+    """`value` with its tensors replaced, in _flat order, by `tensors`."""
+    it = iter(tensors)
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return next(it)
+        return type(v)(walk(x) for x in v)
+
+    return walk(value)
+
+
+class ModuleRecorder:
+    """Records, for every fused module of a model in one step: its inputs, its state before the call, its outputs
+    and the gradients that reached them."""
+
+    def __init__(self, model):
+        self.calls, self.handles = [], []
+        for name, module in model.named_modules():
+            if isinstance(module, FUSED_TYPES):
+                self.handles.append(module.register_forward_pre_hook(self._before(name)))
+                self.handles.append(module.register_forward_hook(self._after))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def _before(self, name):
+        def hook(module, args):
+            self.calls.append(dict(name=name, module=module, args=args, inputs=[t.detach().clone() for t in _flat(args)],
+                                   state={k: v.clone() for k, v in module.state_dict().items()}))
+        return hook
+
+    def _after(self, module, args, output):
+        call = self.calls[-1]
+        inputs = _flat(args)
+        outs = [t for t in _flat(output) if all(t is not i for i in inputs)]  # IDAUpAdd passes layers[0] on
+        call["outs"] = [t.detach().clone() for t in outs]
+        call["grads"] = [None] * len(outs)
+        for k, t in enumerate(outs):
+            t.register_hook(lambda grad, k=k: call["grads"].__setitem__(k, grad.detach().clone()))
+
+
+def _replay(call, fused_path, training):
+    """The recorded call again, from the recorded state: the fused module, or the eager one it replaced."""
+    module = copy.deepcopy(call["module"] if fused_path else call["module"].original)
+    module.load_state_dict(call["state"])
+    module.train(training)
+    leaves = [t.clone().requires_grad_() for t in call["inputs"]]
+    with dla_fast.use_backend("triton" if fused_path else "torch"):
+        output = module(*_rebuild(call["args"], leaves))
+        outs = [t for t in _flat(output) if all(t is not leaf for leaf in leaves)]
+        pairs = [(o, g) for o, g in zip(outs, call["grads"]) if g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return outs, [leaf.grad for leaf in leaves], module
+
+
+def _check_modules(recorder, training):
+    """Every recorded fused module equals its eager original on what it saw: outputs (also the ones it produced
+    inside the model), input and parameter gradients, BatchNorm buffers after the call."""
+    assert recorder.calls, "no fused module ran"
+    for call in recorder.calls:
+        where = f"{call['name']} ({'train' if training else 'eval'})"
+        eager_outs, eager_grads, eager = _replay(call, False, training)
+        for k, (seen, expected) in enumerate(zip(call["outs"], eager_outs)):
+            assert_close(seen, expected, 1e-5, f"{where}: output {k} in the model")
+        fused_outs, fused_grads, fused = _replay(call, True, training)
+        for k, (a, b) in enumerate(zip(fused_outs, eager_outs)):
+            assert_close(a, b, 1e-5, f"{where}: output {k}")
+        for k, (a, b) in enumerate(zip(fused_grads, eager_grads)):
+            if b is not None:
+                assert_close(a, b, 1e-4, f"{where}: grad of input {k}")
+        eager_params = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+        scale = max(g.abs().max().item() for g in eager_params.values())
+        for name, p in fused.named_parameters():
+            if name not in eager_params:
+                continue
+            if eager_params[name].abs().max() <= 1e-6 * scale:
+                # a conv bias feeding a training-mode BatchNorm has an exactly zero gradient: rounding only
+                assert p.grad.abs().max() <= 1e-5 * scale, f"{where}: grad of {name} should vanish"
+            else:
+                assert_close(p.grad, eager_params[name], 1e-4, f"{where}: grad of {name}")
+        eager_buffers = dict(eager.named_buffers())
+        for name, b in call["module"].named_buffers():
+            if b.dtype.is_floating_point:
+                assert_close(b, eager_buffers[name], 1e-5, f"{where}: {name} after the call")
+            else:
+                assert torch.equal(b, eager_buffers[name]), f"{where}: {name}"
+
+
+def _first_tensor(output):
+    """The output a test compares whole: logits, DLA-Up's log-probabilities, or CenterNet's heatmap."""
+    if isinstance(output, tuple):
+        return output[0]
+    if isinstance(output, list):
+        return output[0]["hm"]
+    return output
+
+
+def _check_accelerated(ref, fused, expected_kernels, monkeypatch):
+    """accelerate() keeps the state_dict; eval outputs equal; every fused module equals its original in an eval
+    and a training step (forward and backward), and the listed Triton kernels ran in each step."""
+    keys_before = {k: v.clone() for k, v in fused.state_dict().items()}
+    dla_fast.accelerate(fused)
+    after = fused.state_dict()
+    assert list(after) == list(keys_before)
+    assert all(torch.equal(after[k], v) for k, v in keys_before.items())
+    fused_names = dla_fast.accelerated_modules(fused)
+
+    counter = LaunchCounter(monkeypatch)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)  # level 5 sees 2x2x2 values per channel
+    for training in (False, True):
+        ref.train(training), fused.train(training)
+        counter.names.clear()
+        recorder = ModuleRecorder(fused)
+        with dla_fast.use_backend("triton"):
+            out = _first_tensor(fused(x))
+            if not training:
+                assert_close(out, _first_tensor(ref(x)), 1e-5, "eval output of the whole model")
+            out.backward(torch.randn_like(out))
+        recorder.remove()
+        assert sorted({c["name"] for c in recorder.calls}) == sorted(fused_names)
+        for kernel in expected_kernels:
+            assert kernel in counter.names, f"{kernel} did not run"
+        _check_modules(recorder, training)
+    return fused_names
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name, source, roots", [
+    ("dla34", "timm", 6),          # plain roots
+    ("dla102", "timm", 14),        # residual roots
+    ("dla169", "dla_fast", 23),    # roots with up to 7 children
+])
+def test_accelerated_backbone_equals_original(name, source, roots, monkeypatch):
+    ref = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
+    if source == "timm":
+        fused = copy.deepcopy(ref)
+    else:
+        fused = dla_fast.create_model(name, num_classes=10)
+        fused.load_state_dict(ref.state_dict())
+    names = _check_accelerated(ref.to(DEVICE), fused.to(DEVICE),
+                               ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"], monkeypatch)
+    assert len(names) == roots
+    assert sum(isinstance(m, FusedRoot) for m in fused.modules()) == roots
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name, kwargs, fused_ida", [
+    ("dla34up", dict(num_classes=5), 4),
+    ("centernet_dla34", dict(dcn=False, heads={"hm": 3, "wh": 2}, head_conv=16), 4),
+    ("centernet_dla34", dict(dcn=True, heads={"hm": 3, "wh": 2}, head_conv=16), 4),
+])
+def test_accelerated_up_path_equals_original(name, kwargs, fused_ida, monkeypatch):
+    """DLA-Up (concat merge) and CenterNet (add merge, deformable or plain convs): the IDA steps run fused."""
+    ref = randomize_bn(dla_fast.create_model(name, **kwargs)).to(DEVICE)
+    fused = copy.deepcopy(ref)
+    names = _check_accelerated(ref, fused, ["aggregate_fwd_kernel", "upsample_merge_fwd_kernel"], monkeypatch)
+    assert sum(isinstance(m, (FusedIDAUp, FusedIDAUpAdd)) for m in fused.modules()) == fused_ida
+    assert len(names) == 6 + fused_ida
+
+
+@pytest.mark.interpreter
+def test_restore_undoes_accelerate():
+    model = dla_fast.create_model("dla34up", num_classes=3)
+    swapped = {name: m for name, m in model.named_modules() if type(m).__name__ in ("Root", "IDAUp")}
+    dla_fast.accelerate(model)
+    assert all(isinstance(model.get_submodule(n), FUSED_TYPES) for n in swapped)
+    assert model.base.level2.root.conv is swapped["base.level2.root"].conv
+    assert model.dla_up.ida_0.node_1 is swapped["dla_up.ida_0"].node_1
+    assert model.base.base_layer[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="already accelerated"):
+        dla_fast.accelerate(model)
+    dla_fast.restore(model)
+    assert all(model.get_submodule(n) is m for n, m in swapped.items())
+    assert model.base.base_layer[0].weight.is_contiguous()
+    assert dla_fast.accelerated_modules(model) == []
+    with pytest.raises(RuntimeError, match="not accelerated"):
+        dla_fast.restore(model)
+
+
+def test_accelerate_rejects_a_model_without_dla_nodes():
+    with pytest.raises(ValueError, match="nothing to fuse"):
+        dla_fast.accelerate(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))
+
+
+def test_non_1x1_roots_stay_eager_with_a_warning():
+    from dla_fast.models import Root
+
+    model = torch.nn.ModuleDict(dict(a=Root(8, 4, kernel_size=1), b=Root(8, 4, kernel_size=3)))
+    with pytest.warns(UserWarning, match=r"b: kernel_size \(3, 3\)"):
+        dla_fast.accelerate(model)
+    assert isinstance(model["a"], FusedRoot) and isinstance(model["b"], Root)
+
+
+def test_accelerated_model_on_cpu_with_auto_backend_runs_eager():
+    """backend auto on CPU tensors: the eager reference, identical to the original model."""
+    ref = randomize_bn(dla_fast.create_model("dla46_c")).eval()
+    fused = dla_fast.accelerate(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 32, 32)
+    with dla_fast.use_backend("auto"), torch.no_grad():
+        assert_close(fused(x), ref(x), 1e-5)

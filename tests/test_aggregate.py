@@ -1,0 +1,272 @@
+"""The fused aggregation node equals eager cat -> conv1x1 -> BatchNorm2d -> [+x0] -> ReLU."""
+import pytest
+import torch
+import torch.nn as nn
+
+import dla_fast
+from dla_fast.ops import aggregate as aggregate_module
+from dla_fast.ops.aggregate import aggregate, aggregate_fwd
+
+from helpers import assert_close, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_BACKEND = "triton"
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Tiles smaller than the test shapes, so every loop, mask and multi-tile path of the kernels runs."""
+    monkeypatch.setattr(aggregate_module, "TILE_OVERRIDES",
+                        {"fwd": (32, 16, 16), "grad_input": (32, 16, 16), "grad_weight": (16, 16, 32)})
+
+
+class EagerNode(nn.Module):
+    """The independent reference: exactly what DLA's Root does, in plain modules."""
+
+    def __init__(self, channels, cout, residual, momentum=0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(sum(channels), cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout, momentum=momentum)
+        self.residual = residual
+
+    def forward(self, children):
+        x = self.bn(self.conv(torch.cat(children, 1)))
+        if self.residual:
+            x = x + children[0]
+        return torch.relu(x)
+
+
+def _fused(node, children):
+    bn = node.bn
+    return aggregate(children, node.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                     bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, node.residual)
+
+
+def _make(channels, cout, residual, dtype=torch.float32, momentum=0.1, n=2, h=5, w=3, channels_last=True):
+    ref = EagerNode(channels, cout, residual, momentum)
+    with torch.no_grad():
+        ref.bn.weight.uniform_(0.5, 1.5)
+        ref.bn.bias.normal_(0, 0.2)
+        ref.bn.running_mean.normal_(0, 0.2)
+        ref.bn.running_var.uniform_(0.5, 1.5)
+    fused = EagerNode(channels, cout, residual, momentum)
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    children = [torch.randn(n, c, h, w, device=DEVICE).to(dtype).contiguous(memory_format=fmt) for c in channels]
+    return ref, fused, children
+
+
+def _check_step(ref, fused, children, training, tol_out=1e-5, tol_grad=1e-4):
+    ref.train(training), fused.train(training)
+    kids_ref = [c.detach().clone().requires_grad_() for c in children]
+    kids_fused = [c.detach().clone().requires_grad_() for c in children]
+    with dla_fast.use_backend(KERNEL_BACKEND):
+        out = _fused(fused, kids_fused)
+    expected = ref(kids_ref)
+    assert_close(out, expected, tol_out, "output")
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for i, (a, b) in enumerate(zip(kids_fused, kids_ref)):
+        assert_close(a.grad, b.grad, tol_grad, f"grad of child {i}")
+    for name, p in fused.named_parameters():
+        assert_close(p.grad, dict(ref.named_parameters())[name].grad, tol_grad, f"grad of {name}")
+    fused.zero_grad(), ref.zero_grad()
+
+
+def _check_buffers(ref, fused):
+    assert_close(fused.bn.running_mean, ref.bn.running_mean, 1e-5, "running_mean")
+    assert_close(fused.bn.running_var, ref.bn.running_var, 1e-5, "running_var")
+    assert int(fused.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)
+
+
+CASES = [  # (children's channels, Cout, residual)
+    ((5, 7), 6, False),
+    ((6, 7, 3), 6, True),
+    ((17, 20, 33), 17, True),
+    ((40, 40, 24, 40), 40, False),
+    ((3, 5, 6, 7, 9, 11, 4), 3, True),
+    ((19, 18, 17, 16, 15, 14, 13, 12), 19, False),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("channels, cout, residual", CASES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fp32_matches_eager(channels, cout, residual, training):
+    ref, fused, children = _make(channels, cout, residual, n=2, h=7, w=5)
+    for _ in range(3):
+        _check_step(ref, fused, children, training)
+        children = [torch.randn_like(c) for c in children]
+    _check_buffers(ref, fused)
+
+
+@pytest.mark.interpreter
+def test_many_rows_nchw_input_and_cumulative_momentum():
+    """M = 3*11*13 = 429 rows spans several row tiles; NCHW children are accepted; momentum=None."""
+    ref, fused, children = _make((24, 10), 24, True, momentum=None, n=3, h=11, w=13, channels_last=False)
+    for _ in range(3):
+        _check_step(ref, fused, children, training=True)
+    _check_buffers(ref, fused)
+
+
+def _fp64_reference(ref, children, training):
+    ref64 = EagerNode([c.shape[1] for c in children], ref.conv.out_channels, ref.residual).double().to(DEVICE)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.train(training)
+    return ref64([c.double() for c in children])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fp16_within_twice_eager_error(training):
+    """fp16: the error against an fp64 reference is at most 2x eager PyTorch's fp16 error."""
+    ref, fused, children = _make((24, 17, 9), 24, True, dtype=torch.float16, n=2, h=6, w=7)
+    gold = _fp64_reference(ref, children, training)
+    ref_half = EagerNode([24, 17, 9], 24, True)
+    ref_half.load_state_dict(ref.state_dict())
+    ref_half = ref_half.to(DEVICE).half().train(training)
+    eager = ref_half(children)
+    fused.train(training)
+    with dla_fast.use_backend(KERNEL_BACKEND):
+        out = _fused(fused, children)
+    assert out.dtype == torch.float16
+    assert rel_err(out, gold) <= 2 * rel_err(eager, gold) + 1e-6
+
+
+@pytest.mark.interpreter
+def test_launches_triton_kernels(monkeypatch):
+    """The triton backend really runs the Triton kernels (counted at launch), forward and backward."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if DEVICE != "cpu":
+        pytest.skip("counts interpreter launches")
+    launched = []
+    original = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    ref, fused, children = _make((6, 7, 3), 6, True)
+    _check_step(ref, fused, children, training=True)
+    assert {"aggregate_fwd_kernel", "channel_stats_merge_kernel", "aggregate_grad_input_kernel",
+            "aggregate_grad_weight_kernel"} <= set(launched)
+
+
+@pytest.mark.interpreter
+def test_empty_batch():
+    ref, fused, children = _make((6, 7), 6, False, n=0)
+    ref.train(), fused.train()
+    kids = [c.clone().requires_grad_() for c in children]
+    with dla_fast.use_backend(KERNEL_BACKEND):
+        out = _fused(fused, kids)
+    expected = ref(children)
+    assert out.shape == expected.shape == (0, 6, 5, 3)
+    out.sum().backward()
+    assert all(k.grad.shape == k.shape for k in kids)
+    assert torch.count_nonzero(fused.conv.weight.grad) == 0
+    _check_buffers(ref, fused)
+
+
+def test_torch_backend_is_the_eager_reference():
+    ref, fused, children = _make((6, 7, 3), 6, True)
+    ref.train(), fused.train()
+    with dla_fast.use_backend("torch"):
+        out = _fused(fused, children)
+    assert torch.equal(out, ref(children))
+    _check_buffers(ref, fused)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda kids, w: ([kids[0], kids[1][:, :, :4]], w), "share batch and spatial size"),
+    (lambda kids, w: ([kids[0], kids[1][:1]], w), "share batch and spatial size"),
+    (lambda kids, w: ([kids[0], kids[1].double()], w), "dtype"),
+    (lambda kids, w: ([kids[0], kids[1].to("meta")], w), "one device"),
+    (lambda kids, w: (kids, w[:, :-1]), r"does not fit the children: they have 13 channels in all \(6 \+ 7\)"),
+    (lambda kids, w: ([kids[0].int(), kids[1].int()], w), "supports float32"),
+    (lambda kids, w: (kids[0], w), "list of 1 to 8 children"),
+    (lambda kids, w: ([kids[0]] * 9, w), "list of 1 to 8 children"),
+])
+def test_bad_input_is_a_clear_error(mutate, message):
+    _, fused, children = _make((6, 7), 6, True)
+    kids, weight = mutate(children, fused.conv.weight)
+    bn = fused.bn
+    with pytest.raises(ValueError, match=message):
+        aggregate(kids, weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                  True, 0.1, 1e-5, True)
+
+
+def test_residual_needs_matching_channels():
+    _, fused, children = _make((5, 7), 6, False)
+    bn = fused.bn
+    with pytest.raises(ValueError, match="child 0 has 5 channels, the output 6"):
+        aggregate(children, fused.conv.weight, bn.weight, bn.bias, residual=True)
+
+
+@pytest.mark.interpreter
+def test_one_value_per_channel_in_training_is_pytorchs_error():
+    _, fused, children = _make((5, 7), 6, False, n=1, h=1, w=1)
+    fused.train()
+    with dla_fast.use_backend(KERNEL_BACKEND), pytest.raises(ValueError, match="more than 1 value per channel"):
+        _fused(fused, children)
+
+
+@pytest.mark.interpreter
+def test_opcheck():
+    """torch.library.opcheck: schema, fake implementation, autograd registration and dispatch agree."""
+    _, fused, children = _make((6, 7), 6, True, n=1, h=3, w=3)
+    kids = [c.clone().requires_grad_() for c in children]
+    bn = fused.bn
+    for batch_stats in (True, False):
+        args = (kids, fused.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, True,
+                batch_stats, True, "triton")
+        torch.library.opcheck(aggregate_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                               "test_autograd_registration"))
+
+
+@pytest.mark.interpreter
+def test_torch_compile_fullgraph_traces_through():
+    ref, fused, children = _make((6, 7, 3), 6, True)
+    ref.train(), fused.train()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(kids):
+        return _fused(fused, kids)
+
+    with dla_fast.use_backend(KERNEL_BACKEND):
+        out = step(children)
+    assert_close(out, ref(children), 1e-5, "compiled output")
+    _check_buffers(ref, fused)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_half_precision_within_twice_eager_error(dtype, training):
+    """On the GPU, DLA-34 level-3 root shapes: output and gradients in bf16/fp16 against fp64 have at most
+    2x the error of eager PyTorch (autocast) in the same dtype."""
+    channels, cout = (128, 128, 64, 128), 128
+    ref, fused, children = _make(channels, cout, True, n=4, h=28, w=28)
+    ref.train(training), fused.train(training)
+    ref64 = EagerNode(channels, cout, True).double().to(DEVICE).train(training)
+    ref64.load_state_dict(ref.state_dict())
+
+    def run(module, kids, grad, autocast=False, fused_path=False):
+        kids = [k.detach().clone().requires_grad_() for k in kids]
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast), dla_fast.use_backend(KERNEL_BACKEND):
+            out = _fused(module, kids) if fused_path else module(kids)
+        out.backward(grad.to(out.dtype))
+        return out, [k.grad for k in kids], module.conv.weight.grad
+
+    low = [c.to(dtype) for c in children]
+    grad = torch.randn(4, cout, 28, 28, device=DEVICE)
+    gold = run(ref64, [c.double() for c in low], grad.double())
+    eager = run(ref, low, grad, autocast=True)
+    mine = run(fused, low, grad, fused_path=True)
+    assert mine[0].dtype == dtype
+    for what, a, e, g in [("output", mine[0], eager[0], gold[0]), ("weight grad", mine[2], eager[2], gold[2])] + [
+            (f"grad of child {i}", a, e, g) for i, (a, e, g) in enumerate(zip(mine[1], eager[1], gold[1]))]:
+        assert rel_err(a, g) <= 2 * rel_err(e, g) + 1e-6, f"{what}: {rel_err(a, g):.3g} vs eager {rel_err(e, g):.3g}"

@@ -1,0 +1,180 @@
+"""`python -m dla_fast info | bench`: output, JSON records, and clear errors (exit status 2) for bad options."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dla_fast
+from dla_fast.cli import bench, build_parser, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "dla46_c", "--batch", "1", "--size", "64", "--iters", "2", "--warmup", "1", "--device", "cpu"]
+RECORD_FIELDS = ("op", "provider", "mode", "dtype", "shape", "ms_p20", "ms_p50", "ms_p80", "timing", "min_bytes",
+                 "gbps", "min_flops", "tflops", "baseline", "device", "torch", "triton", "git_commit", "date")
+EXTRA_FIELDS = ("batch", "image_size", "images_per_s", "peak_mem_mb", "peak_mem_kind", "layout", "weights")
+
+
+def run_module(*args):
+    """`python -m dla_fast ARGS` on this checkout, in a fresh process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "dla_fast", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+
+
+def bench_in_process(tmp_path, *args):
+    """Run `bench` with --json in this process; returns (stdout, the records)."""
+    path = tmp_path / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["bench", *TINY, "--no-progress", "--json", str(path), *args]) == 0
+    return stdout.getvalue(), json.loads(path.read_text())["records"]
+
+
+@pytest.fixture(scope="module")
+def inference_run(tmp_path_factory):
+    """(stdout, record) of the tiny inference benchmark, run once for the tests that read it."""
+    out, (record,) = bench_in_process(tmp_path_factory.mktemp("inference"))
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory):
+    """(finished process, record) of `python -m dla_fast bench --train`, with its progress bar, run once."""
+    path = tmp_path_factory.mktemp("train") / "train.json"
+    done = run_module("bench", *TINY, "--train", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    (record,) = json.loads(path.read_text())["records"]
+    return done, record
+
+
+def test_info_lists_versions_and_backends():
+    done = run_module("info")
+    assert done.returncode == 0, done.stderr
+    for name in ["python", "torch", "triton", "timm", "numpy", "CUDA available", "extension dla_fast._C",
+                 "backend in force", "TRITON_INTERPRET"] + [f"backend {b}" for b in dla_fast.available_backends()]:
+        assert any(line.startswith(name) for line in done.stdout.splitlines()), (name, done.stdout)
+    assert "backend torch" in done.stdout and " OK" in done.stdout
+
+
+def test_bench_training_step_in_a_fresh_process(training_run):
+    done, record = training_run
+    assert "train step" in done.stdout and "dla46_c" in done.stdout
+    assert "timed" in done.stderr  # the progress bar
+    assert record["mode"] == "train_step" and record["provider"] == "eager" and record["baseline"]
+
+
+def test_bench_inference_prints_a_table_and_writes_records(inference_run):
+    out, record = inference_run
+    for field in RECORD_FIELDS:
+        assert field in record, field
+    for field in EXTRA_FIELDS:
+        assert field in record["extra"], field
+    assert (record["op"], record["mode"], record["dtype"], record["shape"]) == ("dla46_c", "inference", "fp32",
+                                                                               [1, 3, 64, 64])
+    assert record["ms_p20"] <= record["ms_p50"] <= record["ms_p80"]
+    assert record["extra"]["images_per_s"] == pytest.approx(1e3 / record["ms_p50"])
+    assert record["device"].startswith("CPU: ") and record["min_flops"] > 0
+    header = next(line for line in out.splitlines() if line.startswith("| model"))
+    for column in ("ms p50", "ms p20-p80", "images/s", "peak MB", "device", "dtype", "mode"):
+        assert column in header
+    assert "| inference |" in out and f"peak MB: {record['extra']['peak_mem_kind']}" in out
+
+
+def test_flop_count_matches_the_convolutions(inference_run, training_run):
+    """Inference FLOPs equal 2 * MACs of every conv; a training step adds grad-input and grad-weight."""
+    model = dla_fast.create_model("dla46_c")
+    macs = []
+
+    def count(module, inputs, output):
+        macs.append(output.numel() * module.in_channels // module.groups * module.kernel_size[0]
+                    * module.kernel_size[1])
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 64, 64))
+    inference, training = inference_run[1]["min_flops"], training_run[1]["min_flops"]
+    assert inference == 2 * sum(macs)
+    first_conv = 2 * macs[0]  # the image needs no gradient
+    assert training == 3 * inference - first_conv
+
+
+def test_bench_bf16_channels_last_from_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(dla_fast.create_model("dla46_c").state_dict(), path)
+    out, (record,) = bench_in_process(tmp_path, "--dtype", "bf16", "--channels-last", "--checkpoint", str(path))
+    assert record["dtype"] == "bf16" and record["provider"] == "eager_channels_last"
+    assert record["extra"]["layout"] == "channels_last" and "AMP autocast" in out
+    assert record["extra"]["weights"] == str(path) and "loaded" in out
+
+
+def test_several_providers_give_one_row_each():
+    config = bench.resolve_config(build_parser().parse_args(["bench", *TINY, "--no-progress"]))
+    again = bench.Provider("eager_again", lambda model, config: model, baseline=False, description="test")
+    records = bench.run_benchmarks(config, [bench.PROVIDERS["eager"], again])
+    assert [r.provider for r in records] == ["eager", "eager_again"]
+    assert [r.baseline for r in records] == [True, False]
+    table = bench.format_table(records).splitlines()
+    assert len(table) == 4 and "eager_again" in table[3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the defaults used without a GPU")
+def test_cpu_defaults_are_small_and_announced():
+    config = bench.resolve_config(build_parser().parse_args(["bench"]))
+    assert (config.device.type, config.batch, config.size) == ("cpu", 2, 224)
+    assert "no CUDA GPU found" in config.defaults_note and "batch 2" in config.defaults_note
+    explicit = bench.resolve_config(build_parser().parse_args(["bench", *TINY]))
+    assert explicit.defaults_note is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "dla35"], "unknown model 'dla35'"),
+    (["--size", "100"], "divisible by 32"),
+    (["--size", "0"], "--size must be at least 32"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--checkpoint", "/nonexistent/weights.pth"], "checkpoint file not found"),
+])
+def test_bad_options_exit_2_with_a_clear_message(args, message, capsys):
+    assert main(["bench", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if "unknown model" in message:
+        assert "Known models" in err and "dla34" in err
+
+
+def test_bad_dtype_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *TINY, "--dtype", "fp8"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_fp16_is_refused_where_cpu_autocast_lacks_it(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_cpu_autocast_works", lambda dtype: dtype is not torch.float16)
+    assert main(["bench", *TINY, "--dtype", "fp16"]) == 2
+    assert "no CPU autocast for torch.float16" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without a GPU")
+def test_cuda_device_without_a_gpu_exits_2(capsys):
+    assert main(["bench", *TINY[:-2], "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_bench_on_the_gpu(tmp_path, capsys):
+    path = tmp_path / "gpu.json"
+    for extra in ([], ["--train"]):
+        assert main(["bench", "--model", "dla46_c", "--batch", "2", "--size", "64", "--iters", "3", "--warmup", "2",
+                     "--dtype", "bf16", "--no-progress", "--json", str(path), *extra]) == 0
+        (record,) = json.loads(path.read_text())["records"]
+        assert record["device"] == torch.cuda.get_device_name() and "cuda events" in record["timing"]
+        assert record["extra"]["peak_mem_kind"] == "torch.cuda.max_memory_allocated"
+        assert record["extra"]["peak_mem_mb"] > 0
+    assert "train step" in capsys.readouterr().out
