@@ -95,23 +95,29 @@ def _triton_reason(device: torch.device | None) -> str | None:
     return f"Triton kernels need CUDA tensors (got {device.type}); on CPU set TRITON_INTERPRET=1 before importing dla_fast"
 
 
+_EXTENSION_STATUS: list = []
+
+
 def extension_status() -> tuple[bool, str]:
-    """(built, detail) for the compiled extension dla_fast._C."""
-    try:
-        from dla_fast import _C  # noqa: F401
-    except ImportError as e:
-        return False, f"not built ({e})"
-    has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
-    return True, "built with CUDA kernels" if has_cuda else "built (CPU kernels only)"
+    """(built, detail) for the compiled extension dla_fast._C (looked up once per process)."""
+    if not _EXTENSION_STATUS:
+        try:
+            from dla_fast import _C
+        except ImportError as e:
+            _EXTENSION_STATUS.append((False, f"not built ({e})", False))
+        else:
+            has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
+            _EXTENSION_STATUS.append((True, "built with CUDA kernels" if has_cuda else "built (CPU kernels only)",
+                                      has_cuda))
+    built, detail, _ = _EXTENSION_STATUS[0]
+    return built, detail
 
 
 def _cuda_reason(device: torch.device | None) -> str | None:
     built, detail = extension_status()
     if not built:
         return f"the extension dla_fast._C is {detail}"
-    from dla_fast import _C
-
-    has_cuda = bool(_C.has_cuda())
+    has_cuda = _EXTENSION_STATUS[0][2]
     if device is None:
         return None
     if device.type == "cuda":
@@ -136,11 +142,13 @@ def available_backends() -> dict[str, str | None]:
     return {name: unavailable_reason(name) for name in BACKENDS}
 
 
+@torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str = "") -> str:
     """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device`.
 
     `auto` picks the fused kernels for CUDA tensors (per op, from `AUTO_CHOICE`) and eager for the rest.
-    An explicit backend that cannot run raises BackendUnavailable naming the reason.
+    An explicit backend that cannot run raises BackendUnavailable naming the reason. Under torch.compile the
+    answer is taken once, while tracing, and kept by the compiled graph.
     """
     name = get_backend()
     if name == "auto":

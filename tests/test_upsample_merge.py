@@ -212,7 +212,8 @@ def test_only_high_needs_grad(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the backward kernels ran although neither low nor weight needs a gradient")
 
-    monkeypatch.setattr(um, "upsample_merge_bwd", refuse)
+    monkeypatch.setattr(um, "upsample_merge_bwd", refuse)  # the torch.compile path
+    monkeypatch.setattr(um, "_saved_input_backward", refuse)  # the eager path
     with fused_backend("triton", monkeypatch):
         out = upsample_merge(low, weight, high, 2, "concat")
         (grad_high,) = torch.autograd.grad(out, [high], grad)

@@ -32,6 +32,11 @@ def conv1x1_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
                      bn.training, bn.momentum, bn.eps)
 
 
+def _weight_like(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """The upsample's weight in the activations' dtype, as autocast gives it to the eager transposed conv."""
+    return up.weight.to(x.dtype)
+
+
 class _FusedIDA(nn.Module):
     """Shares the original IDA module's submodules; `original` gives the module back (for restore)."""
 
@@ -66,7 +71,8 @@ class FusedIDAUp(_FusedIDA):
         x = self._project(0, layers[0])  # up_0 is the identity (factor 1)
         nodes = []
         for i in range(1, len(layers)):
-            merged = upsample_merge(self._project(i, layers[i]), getattr(self, f"up_{i}").weight, x,
+            projected = self._project(i, layers[i])
+            merged = upsample_merge(projected, _weight_like(getattr(self, f"up_{i}"), projected), x,
                                     self.up_factors[i], "concat")
             node = getattr(self, f"node_{i}")
             x = bn_relu(node[1], node[0](merged))
@@ -84,7 +90,7 @@ class FusedIDAUpAdd(_FusedIDA):
         for i in range(1, len(layers)):
             proj, node = getattr(self, f"proj_{i}"), getattr(self, f"node_{i}")
             projected = bn_relu(proj.actf[0], proj.conv(layers[i]))
-            merged = upsample_merge(projected, getattr(self, f"up_{i}").weight, outputs[-1], self.up_factors[i],
-                                    "add")
+            merged = upsample_merge(projected, _weight_like(getattr(self, f"up_{i}"), projected), outputs[-1],
+                                    self.up_factors[i], "add")
             outputs.append(bn_relu(node.actf[0], node.conv(merged)))
         return outputs

@@ -365,10 +365,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def _nchw_view(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """NHWC rows [N*H*W, C] back to an (N, C, H, W)-shaped channels_last tensor without copying."""
+def _empty_nhwc(like: torch.Tensor, channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A new channels_last (N, channels, H, W) tensor shaped like `like`, and its NHWC rows [N*H*W, channels]
+    (a view of it, for the kernels). The 4-D tensor is what callers get: not a view, so in-place ops work."""
     n, _, h, w = like.shape
-    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+    t = torch.empty((n, channels, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    return t, t.permute(0, 2, 3, 1).view(n * h * w, channels)
 
 
 _SCRATCH: dict = {}
@@ -399,12 +401,11 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     w2d = weight.reshape(cout, -1).to(dtype).contiguous()
     f32 = dict(dtype=torch.float32, device=device)
     store_preact = batch_stats or save_preact
-    out_rows = torch.empty((m, cout), dtype=dtype, device=device)
-    y_rows = torch.empty((m, cout), dtype=dtype, device=device) if store_preact else None
-    preact = _nchw_view(y_rows, first) if store_preact else first.new_empty(0)
+    out, out_rows = _empty_nhwc(first, cout)
+    preact, y_rows = _empty_nhwc(first, cout) if store_preact else (first.new_empty(0), None)
     if m == 0:
         size = cout if batch_stats else 0
-        return _nchw_view(out_rows, first), preact, torch.zeros(size, **f32), torch.zeros(size, **f32)
+        return out, preact, torch.zeros(size, **f32), torch.zeros(size, **f32)
 
     scratch = _scratch(device)
     block_m, block_n, block_k = _tile_sizes("fwd", m, cout, dtype, device)
@@ -421,7 +422,7 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
         COMPUTE_STATS=batch_stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(dtype), **_launch_options(block_m * block_n, device))
     if not batch_stats:
-        return _nchw_view(out_rows, first), preact, torch.empty(0, **f32), torch.empty(0, **f32)
+        return out, preact, torch.empty(0, **f32), torch.empty(0, **f32)
 
     batch_mean = torch.empty(cout, **f32)
     batch_var = torch.empty(cout, **f32)
@@ -434,7 +435,7 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
         BLOCK_C=16)
     bn_apply(y_rows, batch_mean, batch_var, bn_weight, bn_bias, eps, residual2d=rows[0] if residual else None,
              relu=True, impl=impl, out=out_rows)
-    return _nchw_view(out_rows, first), preact, batch_mean, batch_var
+    return out, preact, batch_mean, batch_var
 
 
 def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl):
@@ -446,11 +447,10 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
     cout, k_total = weight.shape[0], weight.shape[1]
     dtype, device = first.dtype, first.device
     rows = [_rows(c) for c in children]
-    grad_rows = [torch.empty_like(r) for r in rows]
+    grads, grad_rows = zip(*(_empty_nhwc(c, c.shape[1]) for c in children))
     if m == 0:
-        grads = [_nchw_view(g, c) for g, c in zip(grad_rows, children)]
         zeros = torch.zeros(cout, dtype=torch.float32, device=device)
-        return grads, torch.zeros_like(weight), zeros, zeros.clone()
+        return list(grads), torch.zeros_like(weight), zeros, zeros.clone()
     g_rows, out_rows, y_rows = _rows(grad_out.to(dtype)), _rows(out), _rows(preact)
     sum_g, sum_gx = bn_backward_reduce(g_rows, out_rows, y_rows, mean, var, eps, relu=True, impl=impl)
     w2d = weight.reshape(cout, -1).to(dtype).contiguous()
@@ -480,8 +480,7 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
         NUM_CHILDREN=len(children), BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
         DOT_PRECISION=precision, **_launch_options(block_wco * block_wc, device))
     grad_weight = (partial[0] if splits == 1 else partial.sum(0)).view_as(weight).to(weight.dtype)
-    grads = [_nchw_view(g, c) for g, c in zip(grad_rows, children)]
-    return grads, grad_weight, sum_gx, sum_g
+    return list(grads), grad_weight, sum_gx, sum_g
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -529,11 +528,6 @@ class _AggregateFunction(torch.autograd.Function):
         return None, None, grad_w, grad_gamma, grad_beta, None, None, *grads
 
 
-def _empty_like_rows(like: torch.Tensor, channels: int) -> torch.Tensor:
-    n, _, h, w = like.shape
-    return torch.empty((n, channels, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-
-
 @torch.library.custom_op("dla_fast::aggregate_fwd", mutates_args=())
 def aggregate_fwd(children: List[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
                   bn_bias: torch.Tensor, mean: Optional[torch.Tensor], var: Optional[torch.Tensor], eps: float,
@@ -551,8 +545,8 @@ def aggregate_fwd(children: List[torch.Tensor], weight: torch.Tensor, bn_weight:
 @aggregate_fwd.register_fake
 def _(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl):
     first, cout = children[0], weight.shape[0]
-    out = _empty_like_rows(first, cout)
-    y = _empty_like_rows(first, cout) if (batch_stats or save_preact) else first.new_empty(0)
+    out = _empty_nhwc(first, cout)[0]
+    y = _empty_nhwc(first, cout)[0] if (batch_stats or save_preact) else first.new_empty(0)
     stat = first.new_empty((cout,) if batch_stats else (0,), dtype=torch.float32)
     return out, y, stat, stat.clone()
 
@@ -571,7 +565,7 @@ def aggregate_bwd(grad_out: torch.Tensor, out: torch.Tensor, preact: torch.Tenso
 
 @aggregate_bwd.register_fake
 def _(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl):
-    grads = [_empty_like_rows(c, c.shape[1]) for c in children]
+    grads = [_empty_nhwc(c, c.shape[1])[0] for c in children]
     return grads, torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_weight)
 
 

@@ -82,7 +82,9 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fp32_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,13 +131,18 @@ def _check_vectors(channels: int, device: torch.device, **vectors: Optional[torc
                              f"{tuple(v.shape)} {v.dtype} on {v.device}")
 
 
+_EXTENSION_OPS = []  # torch.ops.dla_fast_C once the extension is loaded
+
+
 def _extension_ops():
     """torch.ops.dla_fast_C, loading the compiled extension on first use."""
-    try:
-        from .. import _C  # noqa: F401  (registers the torch.ops.dla_fast_C kernels)
-    except ImportError as e:
-        raise backend.BackendUnavailable(f"impl 'cuda' needs the compiled extension dla_fast._C: {e}") from e
-    return torch.ops.dla_fast_C
+    if not _EXTENSION_OPS:
+        try:
+            from .. import _C  # noqa: F401  (registers the torch.ops.dla_fast_C kernels)
+        except ImportError as e:
+            raise backend.BackendUnavailable(f"impl 'cuda' needs the compiled extension dla_fast._C: {e}") from e
+        _EXTENSION_OPS.append(torch.ops.dla_fast_C)
+    return _EXTENSION_OPS[0]
 
 
 def channel_stats(y2d: torch.Tensor, *, impl: str, out=None):
@@ -673,17 +680,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps, relu, impl, running=None):
-    """(out, batch_mean, batch_var) as batchnorm_act_forward. running: None, or (running_mean, running_var,
-    num_batches_tracked or None, momentum or None) to update in place with this batch (training, eager)."""
+    """(out, batch_mean, batch_var) as batchnorm_act_forward, the statistics None without use_batch_stats.
+    running: None, or (running_mean, running_var, num_batches_tracked or None, momentum or None) to update in
+    place with this batch (training, eager)."""
     n, c, h, w = x.shape
     out = empty_channels_last(x.shape, x.dtype, x.device)
-    stats_size = c if use_batch_stats else 0
-    mean = x.new_empty(stats_size, dtype=torch.float32)
-    var = x.new_empty(stats_size, dtype=torch.float32)
+    mean = var = None
+    if use_batch_stats:
+        mean = x.new_empty(c, dtype=torch.float32)
+        var = x.new_empty(c, dtype=torch.float32)
     if n * h * w == 0:
         if running is not None:  # PyTorch counts an empty batch and leaves the statistics alone
-            update_running_stats(*running[:3], running[3], mean, var, 0)
-        return out, mean.zero_(), var.zero_()
+            update_running_stats(*running, mean, var, 0)
+        return out, mean if mean is None else mean.zero_(), var if var is None else var.zero_()
     x2d = _rows(_channels_last(x))
     if use_batch_stats:
         _channel_stats_impl(x2d, mean, var, impl, running)
@@ -775,7 +784,10 @@ def batchnorm_act_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
     and biased variance fp32 [C] (zeros for an empty batch), otherwise the running statistics normalize and
     the two are empty [0] tensors."""
     _check_impl(impl)
-    return _forward(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps, relu, impl)
+    out, mean, var = _forward(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps, relu, impl)
+    if not use_batch_stats:
+        mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    return out, mean, var
 
 
 @batchnorm_act_forward.register_fake
@@ -834,12 +846,6 @@ batchnorm_act_forward.register_autograd(_forward_backward, setup_context=_forwar
 # Public op
 # --------------------------------------------------------------------------------------------------------
 
-@torch.compiler.assume_constant_result
-def _resolve_impl(device: torch.device) -> str:
-    """backend.resolve for this op; torch.compile evaluates it once while tracing and keeps the answer."""
-    return backend.resolve(device, OP_NAME)
-
-
 def _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, residual) -> None:
     if x.dim() != 4:
         raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
@@ -879,7 +885,7 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
     use_batch_stats = uses_batch_stats(training, running_mean, running_var)
     if use_batch_stats:
         check_batch_size(n * h * w, c)
-    impl = _resolve_impl(x.device)
+    impl = backend.resolve(x.device, OP_NAME)
     if impl == "torch":
         return batchnorm_act_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
                                        momentum, eps, residual, relu)

@@ -306,11 +306,16 @@ def _triton_backward(grad_out: torch.Tensor, channel_offset: int, low: torch.Ten
     return grad_low, grad_weight
 
 
+_EXTENSION_OPS = []  # torch.ops.dla_fast_C once the extension is loaded
+
+
 def _extension_ops():
     """torch.ops.dla_fast_C, after importing the extension that registers it (only when 'cuda' runs)."""
-    from dla_fast import _C  # noqa: F401
+    if not _EXTENSION_OPS:
+        from dla_fast import _C  # noqa: F401
 
-    return torch.ops.dla_fast_C
+        _EXTENSION_OPS.append(torch.ops.dla_fast_C)
+    return _EXTENSION_OPS[0]
 
 
 def _extension_forward(low, weight, high, factor, concat):
