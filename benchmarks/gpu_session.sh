@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything one GPU lease does, in one call: build, GPU parity tests, benchmarks. Each stage has a time limit,
-# so a slow stage cannot starve the ones after it; every stage writes its log (and JSON) under $OUT.
+# so a slow stage cannot starve the ones after it. All logs go to $OUT/session.log, the JSON files beside it
+# (eight files in all: what the device tool brings back).
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
-#   stages: info build test bench-aggregate bench-aggregate-compile bench-upsample bench-bn bench-ida
-#           bench-models (default: all, in that order)
+#   stages: info build bench-aggregate test bench-ida bench-bn bench-upsample bench-models
+#           bench-aggregate-compile (default: all, in that order: most needed first)
 # Commit the JSON under benchmarks/results/<gpu>/ and make the tables with benchmarks/report.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,17 +14,19 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build test bench-aggregate bench-aggregate-compile bench-upsample bench-bn
-                                   bench-ida bench-models)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build bench-aggregate test bench-ida bench-bn bench-upsample bench-models
+                                   bench-aggregate-compile)
 
 run_stage() {  # run_stage NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS
   shift 2
-  echo "=== ${name}"
-  timeout "${limit}" "$@" > "$OUT/${name}.log" 2>&1
+  echo "=== ${name}" | tee -a "$OUT/session.log"
+  timeout "${limit}" "$@" > "$OUT/stage.log" 2>&1
   local rc=$?
-  tail -n 4 "$OUT/${name}.log" | cut -c1-220
-  echo "=== ${name}: rc ${rc}, $((SECONDS - start)) s"
+  cat "$OUT/stage.log" >> "$OUT/session.log"
+  tail -n 4 "$OUT/stage.log" | cut -c1-220
+  rm -f "$OUT/stage.log"
+  echo "=== ${name}: rc ${rc}, $((SECONDS - start)) s" | tee -a "$OUT/session.log"
 }
 
 for stage in "${STAGES[@]}"; do
@@ -31,7 +34,7 @@ for stage in "${STAGES[@]}"; do
     info) run_stage info 30 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu \
           --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__)'" ;;
     build) run_stage build 240 bash -c "$PY -m pip install --no-build-isolation --no-deps -e . && $PY -m dla_fast info" ;;
-    test) run_stage test 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda tests/ ;;
+    test) run_stage test 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda tests/ ;;
     bench-aggregate) run_stage bench-aggregate 120 $PY benchmarks/bench_aggregate.py --batches 256 --extra "" \
           --dtypes bf16,fp32 --providers eager,eager_cl,triton,cuda --out "$OUT/aggregate.json" ;;
     bench-aggregate-compile) run_stage bench-aggregate-compile 90 $PY benchmarks/bench_aggregate.py --batches 256 \
@@ -39,8 +42,8 @@ for stage in "${STAGES[@]}"; do
           --out "$OUT/aggregate_compile.json" ;;
     bench-upsample) run_stage bench-upsample 60 $PY benchmarks/bench_upsample_merge.py --out "$OUT/upsample_merge.json" ;;
     bench-bn) run_stage bench-bn 60 $PY benchmarks/bench_batchnorm_act.py --out "$OUT/batchnorm_act.json" ;;
-    bench-ida) run_stage bench-ida 90 $PY benchmarks/bench_ida.py --out "$OUT/ida.json" ;;
-    bench-models) run_stage bench-models 110 bash -c "$PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 \
+    bench-ida) run_stage bench-ida 80 $PY benchmarks/bench_ida.py --out "$OUT/ida.json" ;;
+    bench-models) run_stage bench-models 100 bash -c "$PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 \
           --providers eager,dla_fast --no-progress --json $OUT/models_inference.json && \
           $PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 --train --providers eager,dla_fast \
           --no-progress --json $OUT/models_training.json" ;;
