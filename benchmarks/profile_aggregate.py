@@ -45,9 +45,27 @@ def kernel_table(step, calls=5) -> str:
     return "\n".join(f"      {ms:8.4f} ms x{count:<3d} {name}" for ms, count, name in rows)
 
 
+def host_profile(step, calls=50, top=18) -> str:
+    """cProfile of `calls` warm calls: where the host time of one call goes (per-call ms, cumulative)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((v[3] / calls * 1e3, v[1] / calls, f"{os.path.basename(k[0])}:{k[2]}") for k, v in stats.items()),
+                  reverse=True)
+    return "\n".join(f"      host {ms:7.4f} ms  x{n:<5.1f} {name}" for ms, n, name in rows[:top])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="level2.root@256,level3.tree2.root@256,level5.root@256,level2.root@16")
+    parser.add_argument("--cases", default="level2.root@256,level5.root@256")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--modes", default="inference,training")
@@ -73,8 +91,9 @@ def main(argv=None) -> int:
                     print(f"    cuda graph failed: {type(e).__name__}: {str(e)[:100]}")
                 print(f"{name}@{batch} {args.dtype} {mode:9s} {provider:9s} do_bench {bench:7.3f} ms  "
                       f"graph {graph:7.3f} ms  host {host_ms(step):7.3f} ms/call")
-                if provider != "eager_cl" or batch == "256":
-                    print(kernel_table(step))
+                print(kernel_table(step))
+                if provider != "eager_cl":
+                    print(host_profile(step))
     return 0
 
 
