@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, write_records  # noqa: E402
+from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
 from dla_fast.models import Root  # noqa: E402
 from dla_fast.nn import FusedRoot  # noqa: E402
 
@@ -73,19 +73,12 @@ def provider_step(provider: str, root: Root, children: List[torch.Tensor], mode:
     elif provider == "compile":
         module = torch.compile(root)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.no_grad(), torch.autocast(**autocast):
-        grad = torch.randn_like(root(kids)) if training else None
 
-    def step():
-        with torch.set_grad_enabled(training), dla_fast.use_backend(backend), torch.autocast(**autocast):
-            out = module(kids)
-            if training:
-                out.backward(grad)
+    def forward():
+        with dla_fast.use_backend(backend), torch.autocast(**autocast):
+            return module(kids)
 
-    for _ in range(3):  # compile (Triton, inductor) outside the timed region
-        step()
-    step.params = [*kids, *root.parameters()]
-    return step
+    return timed_step(forward, training, [*kids, *root.parameters()])
 
 
 def min_bytes(children: List[torch.Tensor], cout: int, mode: str, dtype: torch.dtype) -> int:

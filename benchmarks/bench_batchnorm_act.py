@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, write_records  # noqa: E402
+from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
 from dla_fast.ops.batchnorm_act import batchnorm_act  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -81,19 +81,7 @@ def provider_step(provider: str, bn: nn.BatchNorm2d, x: torch.Tensor, residual: 
             return batchnorm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                                  bn.training, bn.momentum, bn.eps, residual=residual, relu=True)
 
-    with torch.no_grad():
-        grad = torch.randn_like(forward()) if backward else None
-
-    def step():
-        with torch.set_grad_enabled(backward):
-            out = forward()
-            if backward:
-                out.backward(grad)
-
-    for _ in range(3):  # compile (Triton) outside the timed region
-        step()
-    step.params = [t for t in (x, residual, bn.weight, bn.bias) if t is not None]
-    return step
+    return timed_step(forward, backward, [t for t in (x, residual, bn.weight, bn.bias) if t is not None])
 
 
 def min_bytes(shape: Tuple[int, int, int, int], residual: bool, mode: str, dtype: torch.dtype) -> int:

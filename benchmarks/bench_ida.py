@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, write_records  # noqa: E402
+from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
 from dla_fast.models.centernet import LAST_LEVEL  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -71,18 +71,12 @@ def make_step(provider: str, net_name: str, batch: int, dtype: torch.dtype, mode
     elif provider == "compile":
         module = torch.compile(neck)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.no_grad(), torch.autocast(**autocast):
-        grad = torch.randn_like(module(levels)) if training else None
 
-    def step():
-        with torch.set_grad_enabled(training), torch.autocast(**autocast):
-            out = module(levels)
-            if training:
-                out.backward(grad)
+    def forward():
+        with torch.autocast(**autocast):
+            return module(levels)
 
-    for _ in range(3):
-        step()
-    step.params = [*levels, *neck.parameters()]
+    step = timed_step(forward, training, [*levels, *neck.parameters()])
     step.shapes = [list(t.shape) for t in levels]
     return step
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, write_records  # noqa: E402
+from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
 from dla_fast.models.centernet import LAST_LEVEL, DLAUpAdd, IDAUpAdd  # noqa: E402
 from dla_fast.models.dla import VARIANTS  # noqa: E402
 from dla_fast.models.dla_up import DLAUp  # noqa: E402
@@ -149,19 +149,7 @@ def provider_step(provider: str, case: Merge, low: torch.Tensor, high: torch.Ten
             up = F.conv_transpose2d(low, weight, stride=f, padding=f // 2, groups=low.shape[1])
             return up + high if merge_mode == "add" else torch.cat([high, up], dim=1)
 
-    with torch.no_grad():
-        grad = torch.randn_like(forward()) if training else None
-
-    def step():
-        with torch.set_grad_enabled(training):
-            out = forward()
-            if training:
-                out.backward(grad)
-
-    for _ in range(3):  # compile (Triton) outside the timed region
-        step()
-    step.params = [low, high, weight]
-    return step
+    return timed_step(forward, training, [low, high, weight])
 
 
 def min_bytes(case: Merge, batch: int, mode: str, dtype: torch.dtype) -> int:

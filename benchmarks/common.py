@@ -28,7 +28,7 @@ __all__ = [
     "QUANTILES", "RECORD_FORMAT", "BenchRecord", "PeakMemory", "RotatingInputs", "Timing", "bench_op",
     "default_device", "device_name", "environment", "l2_cache_bytes", "make_record", "markdown_table",
     "read_records", "results_dir", "slugify", "tensor_bytes", "time_cuda_kernel", "time_iterations", "time_op",
-    "write_records",
+    "timed_step", "write_records",
 ]
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -88,6 +88,32 @@ class RotatingInputs:
 
     def __call__(self) -> tuple:
         return next(self._cycle)
+
+
+def timed_step(forward: Callable[[], torch.Tensor], training: bool, params: Sequence[torch.Tensor],
+               warmup: int = 3) -> Callable[[], None]:
+    """The call a benchmark times: `forward()`, and in training its backward with a fixed random gradient.
+
+    Runs `warmup` times first (the first run also gives the gradient its shape), so Triton and inductor
+    compile outside the timed region. `step.params` are the tensors whose `.grad` the timer resets before each
+    call.
+    """
+    with torch.set_grad_enabled(training):
+        out = forward()
+    grad = torch.randn_like(out) if training else None
+
+    def step() -> None:
+        with torch.set_grad_enabled(training):
+            out = forward()
+            if training:
+                out.backward(grad)
+
+    if training:
+        out.backward(grad)
+    for _ in range(warmup - 1):
+        step()
+    step.params = list(params)
+    return step
 
 
 def time_op(fn: Callable[[], object], device: torch.device, cuda_graph: bool = False,

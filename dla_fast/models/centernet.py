@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .dla import VARIANTS, build_dla
+from .dla_up import ida_stages
 from .registry import register_model
 from .upsample import bilinear_upsample
 
@@ -155,14 +156,8 @@ class DLAUpAdd(nn.Module):
         if len(channels) != len(scales) or len(channels) < 2:
             raise ValueError(f"DLAUpAdd needs >= 2 levels with one scale each: {list(channels)}, {list(scales)}")
         self.channels = tuple(channels)
-        n = len(channels)
-        in_channels, scales = list(channels), [int(s) for s in scales]
-        for k in range(n - 1):
-            j = n - 2 - k
-            setattr(self, f"ida_{k}", IDAUpAdd(channels[j], in_channels[j:], [s // scales[j] for s in scales[j:]],
-                                               deformable))
-            in_channels[j + 1:] = [channels[j]] * (n - j - 1)
-            scales[j + 1:] = [scales[j]] * (n - j - 1)
+        for k, (out_channels, in_channels, factors) in enumerate(ida_stages(channels, scales)):
+            setattr(self, f"ida_{k}", IDAUpAdd(out_channels, in_channels, factors, deformable))
 
     def forward(self, layers: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if len(layers) != len(self.channels):

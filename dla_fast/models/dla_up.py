@@ -80,6 +80,25 @@ class IDAUp(nn.Module):
         return x, nodes
 
 
+def ida_stages(channels: Sequence[int], scales: Sequence[int]) -> List[Tuple[int, List[int], List[int]]]:
+    """(out channels, input channels, up factors) of DLA-Up's IDA stages, coarsest first (ucbdrive's DLAUp).
+
+    Stage k (k = 0 .. n-2) starts at level j = n-2-k: it merges level j with the k+1 outputs of the previous
+    stage (for k = 0, the coarsest level itself) into channels[j] at level j's stride. Those outputs have
+    channels[j+1] and scales[j+1]: after each stage the later entries of the running width and stride lists
+    take the stage's own.
+    """
+    n = len(channels)
+    in_channels, scales = list(channels), [int(s) for s in scales]
+    stages = []
+    for k in range(n - 1):
+        j = n - 2 - k
+        stages.append((channels[j], in_channels[j:], [s // scales[j] for s in scales[j:]]))
+        in_channels[j + 1:] = [channels[j]] * (n - j - 1)
+        scales[j + 1:] = [scales[j]] * (n - j - 1)
+    return stages
+
+
 class DLAUp(nn.Module):
     """DLA-Up: IDAUp stages from the coarsest pair of levels to the finest (ucbdrive's DLAUp).
 
@@ -100,13 +119,8 @@ class DLAUp(nn.Module):
         if len(channels) != len(scales) or len(channels) < 2:
             raise ValueError(f"DLAUp needs >= 2 levels with one scale each: {list(channels)}, {list(scales)}")
         self.channels = tuple(channels)
-        n = len(channels)
-        in_channels, scales = list(channels), [int(s) for s in scales]
-        for k in range(n - 1):
-            j = n - 2 - k
-            setattr(self, f"ida_{k}", IDAUp(3, channels[j], in_channels[j:], [s // scales[j] for s in scales[j:]]))
-            in_channels[j + 1:] = [channels[j]] * (n - j - 1)
-            scales[j + 1:] = [scales[j]] * (n - j - 1)
+        for k, (out_channels, in_channels, factors) in enumerate(ida_stages(channels, scales)):
+            setattr(self, f"ida_{k}", IDAUp(3, out_channels, in_channels, factors))
 
     def forward(self, layers: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(layers) != len(self.channels):
