@@ -384,6 +384,15 @@ def _scratch(device: torch.device) -> torch.Tensor:
     return _SCRATCH[device]
 
 
+def _weight_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 1x1 conv weight (Cout, K, 1, 1) as contiguous rows [Cout, K] in the activations' dtype (the cast
+    autocast would do for an eager conv)."""
+    w2d = weight.reshape(weight.shape[0], -1)
+    if w2d.dtype != dtype:
+        w2d = w2d.to(dtype)
+    return w2d if w2d.is_contiguous() else w2d.contiguous()
+
+
 def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl,
                     running=None):
     """The fused forward. Returns (out, pre-BN y or an empty tensor, batch mean, batch biased var); out and y
@@ -398,7 +407,7 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     cout = weight.shape[0]
     dtype, device = first.dtype, first.device
     rows = [_rows(c) for c in children]
-    w2d = weight.reshape(cout, -1).to(dtype).contiguous()
+    w2d = _weight_rows(weight, dtype)
     f32 = dict(dtype=torch.float32, device=device)
     store_preact = batch_stats or save_preact
     out, out_rows = _empty_nhwc(first, cout)
@@ -453,7 +462,7 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
         return list(grads), torch.zeros_like(weight), zeros, zeros.clone()
     g_rows, out_rows, y_rows = _rows(grad_out.to(dtype)), _rows(out), _rows(preact)
     sum_g, sum_gx = bn_backward_reduce(g_rows, out_rows, y_rows, mean, var, eps, relu=True, impl=impl)
-    w2d = weight.reshape(cout, -1).to(dtype).contiguous()
+    w2d = _weight_rows(weight, dtype)
     dy_rows = torch.empty((m, cout), dtype=dtype, device=device)
     precision = _dot_precision(dtype)
     ptrs, counts = _pad_children(rows)
@@ -489,7 +498,8 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
 # statistics, which inductor fuses into one kernel).
 # --------------------------------------------------------------------------------------------------------
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(torch.float32)
+    """t in fp32 (no call at all when it already is: each one costs host time on every node)."""
+    return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
 
 
 def _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var, config) -> None:
