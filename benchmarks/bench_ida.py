@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16")
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--providers", default="eager,eager_cl,dla_fast")
+    parser.add_argument("--backend", default="auto", choices=dla_fast.backend.BACKENDS,
+                        help="kernels of the dla_fast provider (auto: the fused ones on a GPU, eager on the CPU)")
     parser.add_argument("--scale", type=int, default=1, help="divide the image sides (a CPU smoke run: --scale 8)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
             for dt in args.dtypes.split(",") for mode in args.modes.split(",") for p in args.providers.split(",")]
     records = []
     for net, batch, dt, mode, provider in tqdm(grid, desc="ida", unit="case"):
-        with dla_fast.use_backend("auto"):
+        with dla_fast.use_backend(args.backend):
             step = make_step(provider, net, batch, DTYPES[dt], mode, device, args.scale)
             record = bench_op("ida_up_path", provider, mode, dt, dict(net=net, levels=step.shapes), step, device,
                               baseline=provider in BASELINES, grad_to_none=step.params if mode == "training" else None,

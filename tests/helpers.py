@@ -1,4 +1,6 @@
 """Shared helpers for the parity tests (see ../shared GUIDE: what counts as parity)."""
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -34,3 +36,18 @@ def randomize_bn(model: nn.Module, generator: torch.Generator = None) -> nn.Modu
 def assert_close(out, ref, tol: float, what: str = "output"):
     err = rel_err(out, ref)
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every torch.empty / at::empty made inside is NaN-filled (deterministic mode's uninitialised-memory fill),
+    so an output element a kernel leaves unwritten shows as NaN."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all(), "allocation poisoning is not active"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[1]

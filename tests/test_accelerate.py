@@ -94,13 +94,13 @@ class ModuleRecorder:
             t.register_hook(lambda grad, k=k: call["grads"].__setitem__(k, grad.detach().clone()))
 
 
-def _replay(call, fused_path, training):
+def _replay(call, fused_path, training, kernels):
     """The recorded call again, from the recorded state: the fused module, or the eager one it replaced."""
     module = copy.deepcopy(call["module"] if fused_path else call["module"].original)
     module.load_state_dict(call["state"])
     module.train(training)
     leaves = [t.clone().requires_grad_() for t in call["inputs"]]
-    with dla_fast.use_backend("triton" if fused_path else "torch"):
+    with dla_fast.use_backend(kernels if fused_path else "torch"):
         output = module(*_rebuild(call["args"], leaves))
         outs = [t for t in _flat(output) if all(t is not leaf for leaf in leaves)]
         pairs = [(o, g) for o, g in zip(outs, call["grads"]) if g is not None]
@@ -108,17 +108,17 @@ def _replay(call, fused_path, training):
     return outs, [leaf.grad for leaf in leaves], module
 
 
-def _check_modules(recorder, training, types):
+def _check_modules(recorder, training, types, kernels):
     """Every recorded fused module of `types` equals its eager original on what it saw: outputs (also the ones it
     produced inside the model), input and parameter gradients, BatchNorm buffers after the call."""
     calls = [c for c in recorder.calls if isinstance(c["module"], types)]
     assert calls, "no fused module ran"
     for call in calls:
         where = f"{call['name']} ({'train' if training else 'eval'})"
-        eager_outs, eager_grads, eager = _replay(call, False, training)
+        eager_outs, eager_grads, eager = _replay(call, False, training, kernels)
         for k, (seen, expected) in enumerate(zip(call["outs"], eager_outs)):
             assert_close(seen, expected, 1e-5, f"{where}: output {k} in the model")
-        fused_outs, fused_grads, fused = _replay(call, True, training)
+        fused_outs, fused_grads, fused = _replay(call, True, training, kernels)
         for k, (a, b) in enumerate(zip(fused_outs, eager_outs)):
             assert_close(a, b, 1e-5, f"{where}: output {k}")
         for k, (a, b) in enumerate(zip(fused_grads, eager_grads)):
@@ -151,7 +151,7 @@ def _first_tensor(output):
     return output
 
 
-def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED_TYPES):
+def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED_TYPES, kernels="triton"):
     """accelerate() keeps the state_dict; eval outputs equal; every fused module (of the `replayed` types)
     equals its original in an eval and a training step (forward and backward), and the listed Triton kernels
     ran in each step."""
@@ -168,7 +168,7 @@ def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED
         ref.train(training), fused.train(training)
         counter.names.clear()
         recorder = ModuleRecorder(fused)
-        with dla_fast.use_backend("triton"):
+        with dla_fast.use_backend(kernels):
             out = _first_tensor(fused(x))
             if not training:
                 assert_close(out, _first_tensor(ref(x)), 1e-5, "eval output of the whole model")
@@ -177,17 +177,24 @@ def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED
         assert sorted({c["name"] for c in recorder.calls}) == sorted(fused_names)
         for kernel in expected_kernels:
             assert kernel in counter.names, f"{kernel} did not run"
-        _check_modules(recorder, training, replayed)
+        if kernels == "cuda":  # the BatchNorm steps ran in the extension, not in Triton
+            assert "bn_apply_kernel" not in counter.names and "bn_backward_reduce_partial_kernel" not in counter.names
+        _check_modules(recorder, training, replayed, kernels)
     return fused_names
 
 
+EXTENSION_BUILT, EXTENSION_DETAIL = dla_fast.backend.extension_status()
+WITH_EXTENSION = pytest.mark.skipif(not EXTENSION_BUILT, reason=f"the extension dla_fast._C is {EXTENSION_DETAIL}")
+
+
 @pytest.mark.interpreter
-@pytest.mark.parametrize("name, source, roots", [
-    ("dla34", "timm", 6),          # plain roots
-    ("dla102", "timm", 14),        # residual roots
-    ("dla169", "dla_fast", 23),    # roots with up to 7 children
+@pytest.mark.parametrize("name, source, roots, kernels", [
+    ("dla34", "timm", 6, "triton"),          # plain roots
+    ("dla102", "timm", 14, "triton"),        # residual roots
+    ("dla169", "dla_fast", 23, "triton"),    # roots with up to 7 children
+    pytest.param("dla34", "timm", 6, "cuda", marks=WITH_EXTENSION, id="dla34-extension"),  # BN steps in _C
 ])
-def test_accelerated_backbone_equals_original(name, source, roots, monkeypatch):
+def test_accelerated_backbone_equals_original(name, source, roots, kernels, monkeypatch):
     ref = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
     if source == "timm":
         fused = copy.deepcopy(ref)
@@ -195,7 +202,7 @@ def test_accelerated_backbone_equals_original(name, source, roots, monkeypatch):
         fused = dla_fast.create_model(name, num_classes=10)
         fused.load_state_dict(ref.state_dict())
     names = _check_accelerated(ref.to(DEVICE), fused.to(DEVICE),
-                               ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"], monkeypatch)
+                               ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"], monkeypatch, kernels=kernels)
     assert len(names) == roots
     assert sum(isinstance(m, FusedRoot) for m in fused.modules()) == roots
 
@@ -256,3 +263,18 @@ def test_accelerated_model_on_cpu_with_auto_backend_runs_eager():
     x = torch.randn(1, 3, 32, 32)
     with dla_fast.use_backend("auto"), torch.no_grad():
         assert_close(fused(x), ref(x), 1e-5)
+
+
+def test_roots_the_kernel_cannot_take_stay_eager_and_restore_keeps_the_layout():
+    """A root conv with a bias stays eager (named in the warning); a model that was channels_last before
+    accelerate() is still channels_last after restore()."""
+    from dla_fast.models import Root
+
+    model = torch.nn.ModuleDict(dict(a=Root(8, 4), b=Root(8, 4)))
+    model["b"].conv = torch.nn.Conv2d(8, 4, 1, bias=True)
+    model.to(memory_format=torch.channels_last)
+    with pytest.warns(UserWarning, match=r"b: a 1x1 conv with .* bias True"):
+        dla_fast.accelerate(model)
+    assert isinstance(model["a"], FusedRoot) and isinstance(model["b"], Root)
+    dla_fast.restore(model)
+    assert model["a"].conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -78,3 +78,15 @@ def test_available_backends_reports_every_name():
     report = dla_fast.available_backends()
     assert list(report) == ["auto", "torch", "triton", "cuda"]
     assert report["torch"] is None and report["auto"] is None
+
+
+def test_aggregate_needs_triton_for_its_gemm_whatever_the_backend(monkeypatch):
+    """Backend 'cuda' runs the BatchNorm steps in the extension but the GEMM in Triton: on CPU tensors without the
+    interpreter that is a BackendUnavailable, not a crash inside Triton."""
+    from dla_fast.ops.aggregate import aggregate
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "_EXTENSION_STATUS", [(True, "built (CPU kernels only)", False)])
+    kids = [torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)]
+    with dla_fast.use_backend("cuda"), pytest.raises(dla_fast.BackendUnavailable, match="GEMM runs in Triton"):
+        aggregate(kids, torch.randn(4, 8, 1, 1), torch.ones(4), torch.zeros(4))

@@ -208,14 +208,14 @@ def test_the_kernels_really_run(impl, monkeypatch):
 
         monkeypatch.setattr(InterpretedFunction, "run", counting_run)
     else:
-        extension_ops = bna._extension_ops()
+        extension_ops = bna.extension_ops()
 
         class RecordingOps:
             def __getattr__(self, name):
                 launched.append(name)
                 return getattr(extension_ops, name)
 
-        monkeypatch.setattr(bna, "_extension_ops", RecordingOps)
+        monkeypatch.setattr(bna, "extension_ops", RecordingOps)
     shape = (2, 5, 3, 4)
     bn = make_bn(5)
     run_fused(bn, random_input(shape), torch.randn(shape), impl, torch.randn(shape))

@@ -17,7 +17,7 @@ from dla_fast import backend
 from dla_fast.ops import upsample_merge as um
 from dla_fast.ops.upsample_merge import upsample_merge
 
-from helpers import assert_close, rel_err
+from helpers import assert_close, poisoned_allocations, rel_err
 
 FACTORS = (2, 4, 8)
 MODES = ("add", "concat")
@@ -63,20 +63,6 @@ def forward_backward(fn, low, weight, high, grad, factor, mode):
     out = fn(*leaves, factor, mode)
     grads = torch.autograd.grad(out, leaves, grad)
     return (out.detach(), *grads)
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty / at::empty made inside is NaN-filled (deterministic mode's uninitialised-memory fill)."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(4).isnan().all(), "allocation poisoning is not active"
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 @contextlib.contextmanager

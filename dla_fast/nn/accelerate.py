@@ -21,12 +21,10 @@ def _root_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module
     if name not in ("Root", "DlaRoot") or not hasattr(module, "conv") or not hasattr(module, "bn"):
         return None, ""
     residual = bool(getattr(module, "residual", getattr(module, "shortcut", False)))
-    conv = module.conv
-    if conv.kernel_size != (1, 1):
-        return None, f"kernel_size {conv.kernel_size} (the fused node takes 1x1; runs eagerly)"
-    if not module.bn.affine:
-        return None, "BatchNorm without affine parameters (runs eagerly)"
-    return (lambda: FusedRoot(conv, module.bn, residual, module)), ""
+    reason = FusedRoot.unsupported(module.conv, module.bn)
+    if reason:
+        return None, f"{reason} (runs eagerly)"
+    return (lambda: FusedRoot(module.conv, module.bn, residual, module)), ""
 
 
 def _ida_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]], str]:
@@ -43,6 +41,12 @@ CONVERTERS: List[Callable[[nn.Module], Tuple[Optional[Callable[[], nn.Module]], 
     _root_conversion, _ida_conversion]
 
 
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-D weights are already channels_last (restore() then leaves them so)."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -55,7 +59,8 @@ def accelerate(model: nn.Module, channels_last: bool = True, verbose: bool = Fal
     Works on dla_fast and timm DLA models, on any device, before or after `.to(device)`. Parameters,
     buffers and state_dict keys stay the same objects; `restore(model)` undoes it. With
     channels_last=True the model's weights go to channels_last memory format (the fused kernels' layout)
-    and back on restore. Modules that cannot be fused are left eager and named in a warning.
+    and back on restore (unless they were channels_last already). Modules that cannot be fused are left eager
+    and named in a warning.
     Which kernels run is decided at call time by dla_fast.backend. Returns the model.
     """
     if getattr(model, _STATE_ATTR, None) is not None:
@@ -78,9 +83,10 @@ def accelerate(model: nn.Module, channels_last: bool = True, verbose: bool = Fal
                          "aggregation node (Root/DlaRoot) or IDA up-merge step")
     if skipped:
         warnings.warn("dla_fast.accelerate left these modules eager:\n  " + "\n  ".join(skipped))
+    was_channels_last = _is_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    setattr(model, _STATE_ATTR, dict(swapped=swapped, skipped=skipped, channels_last=channels_last))
+    setattr(model, _STATE_ATTR, dict(swapped=swapped, restore_contiguous=channels_last and not was_channels_last))
     if verbose:
         print(f"dla_fast.accelerate: fused {len(swapped)} modules, left {len(skipped)} eager")
     return model
@@ -99,7 +105,7 @@ def restore(model: nn.Module) -> nn.Module:
         raise RuntimeError("this model was not accelerated by dla_fast.accelerate")
     for name in state["swapped"]:
         _replace(model, name, model.get_submodule(name).original)
-    if state["channels_last"]:
+    if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)
     return model

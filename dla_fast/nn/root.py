@@ -19,14 +19,26 @@ class FusedRoot(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: bool, original: nn.Module):
         super().__init__()
-        if conv.kernel_size != (1, 1) or conv.bias is not None or conv.groups != 1:
-            raise ValueError(f"FusedRoot needs a 1x1 conv without bias or groups; got {conv}")
-        if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
-            raise ValueError(f"FusedRoot needs an affine BatchNorm2d; got {bn}")
+        reason = self.unsupported(conv, bn)
+        if reason:
+            raise ValueError(f"FusedRoot cannot replace this node: {reason}")
         self.conv = conv
         self.bn = bn
         self.residual = residual
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+
+    @staticmethod
+    def unsupported(conv: nn.Module, bn: nn.Module) -> str:
+        """Why a node with this conv and BatchNorm cannot be fused ('' when it can): the kernel computes a 1x1
+        conv (stride 1, no padding, groups or bias) followed by an affine BatchNorm2d."""
+        if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1):
+            return f"kernel_size {getattr(conv, 'kernel_size', '?')} (the fused node takes 1x1)"
+        if conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid") or conv.groups != 1 or conv.bias is not None:
+            return (f"a 1x1 conv with stride {conv.stride}, padding {conv.padding}, groups {conv.groups}, "
+                    f"bias {conv.bias is not None} (the fused node takes stride 1, no padding, groups or bias)")
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
+            return f"{type(bn).__name__} without affine parameters (the fused node takes an affine BatchNorm2d)"
+        return ""
 
     @property
     def original(self) -> nn.Module:

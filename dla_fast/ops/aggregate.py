@@ -11,7 +11,7 @@ The 1x1 conv weight is [Cout, K] with K = sum C_i in the children's order.
 Kernels (Triton, fp32 accumulation, int64 row offsets):
 - `aggregate_fwd_kernel`: the GEMM; its epilogue either applies BN (+residual) + ReLU with given statistics
   (eval) and/or writes the pre-BN output y together with per-tile channel sums and centred sums of squares
-  (training), merged by `channel_stats_merge_kernel` (Chan's parallel variance, deterministic).
+  (training), merged by `aggregate_stats_merge_kernel` (Chan's parallel variance, deterministic).
 - training forward then normalizes y with the batch statistics (`bn_apply` of dla_fast.ops.batchnorm_act).
 - `aggregate_grad_input_kernel`: grad of every child = dy @ W_i, where dy (the gradient at y) is computed on
   the fly from grad_out, the saved output (ReLU mask) and y; child 0 also gets the residual's gradient.
@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from .batchnorm_act import bn_apply, bn_backward_reduce
+from .batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
+from .common import check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
 from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
 
 MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
@@ -137,7 +138,7 @@ def aggregate_fwd_kernel(
 
 
 @triton.jit
-def channel_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
+def aggregate_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
                                running_mean_ptr, running_var_ptr, num_batches_ptr, momentum,
                                M, C, num_tiles, TILE_ROWS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                                CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -174,12 +175,7 @@ def channel_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
             factor = 1.0 / tl.load(num_batches_ptr).to(tl.float32)
         else:
             factor = momentum
-        running_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        running_var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        running_mean = running_mean * (1.0 - factor) + mean * factor
-        running_var = running_var * (1.0 - factor) + m2 / (M - 1) * factor
-        tl.store(running_mean_ptr + offs_c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
-        tl.store(running_var_ptr + offs_c, running_var.to(running_var_ptr.dtype.element_ty), mask=mask_c)
+        fold_running_stats(running_mean_ptr, running_var_ptr, offs_c, mask_c, mean, m2 / (M - 1), factor)
 
 
 @triton.jit
@@ -320,13 +316,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-# Tile-size overrides for tuning sweeps (benchmarks/bench_aggregate.py --sweep): kernel name -> blocks.
 TILE_OVERRIDES: dict = {}
 
 
@@ -359,18 +348,12 @@ def _pad_children(tensors: Sequence[torch.Tensor]) -> Tuple[list, list]:
     return ptrs, counts
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """An NCHW-shaped tensor as NHWC rows [N*H*W, C] (copies once if it is not channels_last)."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
 def _empty_nhwc(like: torch.Tensor, channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """A new channels_last (N, channels, H, W) tensor shaped like `like`, and its NHWC rows [N*H*W, channels]
     (a view of it, for the kernels). The 4-D tensor is what callers get: not a view, so in-place ops work."""
     n, _, h, w = like.shape
-    t = torch.empty((n, channels, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-    return t, t.permute(0, 2, 3, 1).view(n * h * w, channels)
+    t = empty_channels_last((n, channels, h, w), like.dtype, like.device)
+    return t, rows_view(t)
 
 
 _SCRATCH: dict = {}
@@ -406,7 +389,7 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     m = n * h * w
     cout = weight.shape[0]
     dtype, device = first.dtype, first.device
-    rows = [_rows(c) for c in children]
+    rows = [nhwc_rows(c) for c in children]
     w2d = _weight_rows(weight, dtype)
     f32 = dict(dtype=torch.float32, device=device)
     store_preact = batch_stats or save_preact
@@ -437,7 +420,7 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     batch_var = torch.empty(cout, **f32)
     running_mean, running_var, num_batches, momentum = running or (scratch, scratch, None, 0.0)
     # Narrow channel blocks, long tile blocks: the merge is latency-bound, so spread it over more programs.
-    channel_stats_merge_kernel[(triton.cdiv(cout, 16),)](
+    aggregate_stats_merge_kernel[(triton.cdiv(cout, 16),)](
         part_sum, part_m2, batch_mean, batch_var, running_mean, running_var,
         scratch if num_batches is None else num_batches, 0.0 if momentum is None else momentum, m, cout, tiles_m,
         TILE_ROWS=block_m, UPDATE_RUNNING=running is not None, CUMULATIVE=momentum is None, BLOCK_T=256,
@@ -455,12 +438,12 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
     m = n * h * w
     cout, k_total = weight.shape[0], weight.shape[1]
     dtype, device = first.dtype, first.device
-    rows = [_rows(c) for c in children]
+    rows = [nhwc_rows(c) for c in children]
     grads, grad_rows = zip(*(_empty_nhwc(c, c.shape[1]) for c in children))
     if m == 0:
         zeros = torch.zeros(cout, dtype=torch.float32, device=device)
         return list(grads), torch.zeros_like(weight), zeros, zeros.clone()
-    g_rows, out_rows, y_rows = _rows(grad_out.to(dtype)), _rows(out), _rows(preact)
+    g_rows, out_rows, y_rows = nhwc_rows(grad_out.to(dtype)), nhwc_rows(out), nhwc_rows(preact)
     sum_g, sum_gx = bn_backward_reduce(g_rows, out_rows, y_rows, mean, var, eps, relu=True, impl=impl)
     w2d = _weight_rows(weight, dtype)
     dy_rows = torch.empty((m, cout), dtype=dtype, device=device)
@@ -480,7 +463,7 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
     block_wco, block_wc, block_wm = _tile_sizes("grad_weight", m, cout, dtype, device)
     wcol_tiles = sum(triton.cdiv(c, block_wc) for c in counts if c)
     tiles = triton.cdiv(cout, block_wco) * wcol_tiles
-    splits = max(1, min(triton.cdiv(4 * _num_sms(device), tiles), triton.cdiv(m, 8 * block_wm)))
+    splits = max(1, min(triton.cdiv(4 * num_sms(device), tiles), triton.cdiv(m, 8 * block_wm)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_wm) * block_wm
     splits = triton.cdiv(m, rows_per_split)
     partial = torch.empty((splits, cout, k_total), dtype=torch.float32, device=device)
@@ -497,11 +480,6 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
 # computation as torch.library custom ops under torch.compile (functional: the caller updates the running
 # statistics, which inductor fuses into one kernel).
 # --------------------------------------------------------------------------------------------------------
-def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """t in fp32 (no call at all when it already is: each one costs host time on every node)."""
-    return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
-
-
 def _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var, config) -> None:
     ctx.save_for_backward(out, preact, mean, var, weight, bn_weight, *children)
     ctx.config = config  # (eps, residual, batch_stats, has_preact, impl)
@@ -523,12 +501,14 @@ class _AggregateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config, running, weight, bn_weight, bn_bias, mean, var, *children):
         eps, residual, batch_stats, save_preact, impl = config
-        out, preact, batch_mean, batch_var = _forward_triton(
-            children, weight, _fp32(bn_weight), _fp32(bn_bias), _fp32(mean), _fp32(var), eps, residual,
-            batch_stats, save_preact, impl, running)
+        with device_guard(children[0]):
+            out, preact, batch_mean, batch_var = _forward_triton(
+                children, weight, fp32_vector(bn_weight), fp32_vector(bn_bias), fp32_vector(mean),
+                fp32_vector(var), eps, residual, batch_stats, save_preact, impl, running)
         if batch_stats:
             mean, var = batch_mean, batch_var
-        _save_for_backward(ctx, children, weight, bn_weight, out, preact, _fp32(mean), _fp32(var),
+        _save_for_backward(ctx, children, weight, bn_weight, out, preact, fp32_vector(mean),
+                           fp32_vector(var),
                            (eps, residual, batch_stats, batch_stats or save_preact, impl))
         return out
 
@@ -548,8 +528,9 @@ def aggregate_fwd(children: List[torch.Tensor], weight: torch.Tensor, bn_weight:
     batch_stats: normalize with this batch's statistics (returned), else with `mean`/`var`.
     save_preact: also write y when normalizing with given statistics (needed by the backward).
     """
-    return _forward_triton(children, weight, _fp32(bn_weight), _fp32(bn_bias), _fp32(mean), _fp32(var), eps,
-                           residual, batch_stats, save_preact, impl)
+    with device_guard(children[0]):
+        return _forward_triton(children, weight, fp32_vector(bn_weight), fp32_vector(bn_bias), fp32_vector(mean),
+                               fp32_vector(var), eps, residual, batch_stats, save_preact, impl)
 
 
 @aggregate_fwd.register_fake
@@ -567,9 +548,10 @@ def aggregate_bwd(grad_out: torch.Tensor, out: torch.Tensor, preact: torch.Tenso
                   residual: bool, batch_stats: bool, impl: str
                   ) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grads of the children, grad of the conv weight, grad of BN weight, grad of BN bias)."""
-    grads, grad_w, grad_gamma, grad_beta = _backward_triton(
-        grad_out, out, preact, children, weight, _fp32(bn_weight), _fp32(mean), _fp32(var), eps, residual,
-        batch_stats, impl)
+    with device_guard(children[0]):
+        grads, grad_w, grad_gamma, grad_beta = _backward_triton(
+            grad_out, out, preact, children, weight, fp32_vector(bn_weight), fp32_vector(mean), fp32_vector(var),
+            eps, residual, batch_stats, impl)
     return grads, grad_w, grad_gamma.to(bn_weight.dtype), grad_beta.to(bn_weight.dtype)
 
 
@@ -600,6 +582,7 @@ aggregate_fwd.register_autograd(_custom_op_backward, setup_context=_custom_op_se
 # Public entry point
 # --------------------------------------------------------------------------------------------------------
 def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                 bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                  residual: bool) -> None:
     """Raise ValueError naming the problem for inputs the aggregation node cannot take."""
     if not isinstance(children, (list, tuple)) or not 1 <= len(children) <= MAX_CHILDREN:
@@ -626,8 +609,8 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
     if weight.device != first.device:
         raise ValueError(f"conv weight is on {weight.device}, the children on {first.device}")
     cout = weight.shape[0]
-    if bn_weight.shape != (cout,):
-        raise ValueError(f"BatchNorm has {bn_weight.numel()} channels; the conv has {cout} outputs")
+    check_channel_vectors("aggregate (the conv's outputs)", cout, first.device, bn_weight=bn_weight,
+                          bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
     if residual and first.shape[1] != cout:
         raise ValueError(f"a residual root adds child 0 to its output: child 0 has {first.shape[1]} channels, "
                          f"the output {cout}")
@@ -645,7 +628,7 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     the running statistics and num_batches_tracked are updated in place. Returns (N, Cout, H, W) in
     channels_last memory format. The implementation comes from dla_fast.backend (op "aggregate").
     """
-    check_inputs(children, weight, bn_weight, residual)
+    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, residual)
     impl = backend.resolve(children[0].device, OP_NAME)
     if impl == "torch":
         return aggregate_reference(children, weight, bn_weight, bn_bias, running_mean, running_var, training,
@@ -653,10 +636,14 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     if weight.shape[-2:] != (1, 1):
         raise ValueError(f"the fused aggregation node takes 1x1 convs; got kernel {tuple(weight.shape[-2:])} "
                          "(use backend 'torch' for other kernel sizes)")
+    gemm_problem = backend.unavailable_reason("triton", children[0].device)
+    if gemm_problem is not None:  # backend 'cuda' keeps the GEMM in Triton
+        raise backend.BackendUnavailable(f"dla_fast backend {impl!r} cannot run op {OP_NAME!r}: its GEMM runs in "
+                                         f"Triton, and {gemm_problem}")
     batch_stats = uses_batch_stats(training, running_mean, running_var)
     first = children[0]
     count = first.shape[0] * first.shape[2] * first.shape[3]
-    if training:
+    if batch_stats:
         check_batch_size(count, weight.shape[0])
     save_preact = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*children, weight, bn_weight, bn_bias))

@@ -32,8 +32,6 @@ and |mean| >> std.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -42,6 +40,8 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from .common import (channels_last, check_channel_vectors, device_guard, empty_channels_last, extension_ops,
+                     fp32_vector, num_sms, rows_view)
 from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
 
 OP_NAME = "batchnorm_act"
@@ -55,36 +55,6 @@ MAX_BLOCK_C = 64
 MAX_BLOCK_PARTIALS = 64
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4  # CPU tensors under TRITON_INTERPRET=1: programs run one after another
-
-
-# --------------------------------------------------------------------------------------------------------
-# Layout helpers
-# --------------------------------------------------------------------------------------------------------
-
-def rows_view(x: torch.Tensor) -> torch.Tensor:
-    """The [N*H*W, C] row view of a channels_last-contiguous (N, C, H, W) tensor (no copy)."""
-    n, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).view(n * h * w, c)
-
-
-def empty_channels_last(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized (N, C, H, W) tensor with the strides of a contiguous (N, H, W, C) tensor permuted to
-    NCHW, whatever its sizes (also C == 1, H*W == 1, empty). Not a view: an autograd.Function may return it
-    and callers may modify it in place."""
-    n, c, h, w = shape
-    stride_w = max(c, 1)
-    stride_h = stride_w * max(w, 1)
-    return torch.empty_strided(shape, (stride_h * max(h, 1), 1, stride_h, stride_w), dtype=dtype, device=device)
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _fp32_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
-        return t
-    return t.to(torch.float32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,20 +99,6 @@ def _check_vectors(channels: int, device: torch.device, **vectors: Optional[torc
                               or not v.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 [{channels}] vector on {device}, got "
                              f"{tuple(v.shape)} {v.dtype} on {v.device}")
-
-
-_EXTENSION_OPS = []  # torch.ops.dla_fast_C once the extension is loaded
-
-
-def _extension_ops():
-    """torch.ops.dla_fast_C, loading the compiled extension on first use."""
-    if not _EXTENSION_OPS:
-        try:
-            from .. import _C  # noqa: F401  (registers the torch.ops.dla_fast_C kernels)
-        except ImportError as e:
-            raise backend.BackendUnavailable(f"impl 'cuda' needs the compiled extension dla_fast._C: {e}") from e
-        _EXTENSION_OPS.append(torch.ops.dla_fast_C)
-    return _EXTENSION_OPS[0]
 
 
 def channel_stats(y2d: torch.Tensor, *, impl: str, out=None):
@@ -249,7 +205,7 @@ def _channel_stats_impl(y2d, mean, var, impl, running=None):
         mean.copy_(batch_mean)
         var.copy_(batch_var)
     else:
-        _extension_ops().bn_channel_stats(y2d, mean, var)
+        extension_ops().bn_channel_stats(y2d, mean, var)
     if running is not None:
         _update_running_stats(mean, var, y2d.shape[0], running)
 
@@ -270,7 +226,7 @@ def _bn_apply_impl(y2d, mean, var, weight, bias, eps, residual2d, relu, impl, ou
             z = z + residual2d.float()
         out.copy_(torch.relu(z) if relu else z)
     else:
-        _extension_ops().bn_apply(y2d, mean, var, weight, bias, eps, residual2d, relu, out)
+        extension_ops().bn_apply(y2d, mean, var, weight, bias, eps, residual2d, relu, out)
 
 
 def _masked_grad(grad_out2d: torch.Tensor, out2d: Optional[torch.Tensor]) -> torch.Tensor:
@@ -290,8 +246,8 @@ def _bn_backward_reduce_impl(grad_out2d, out2d, y2d, mean, var, eps, impl, sum_g
         sum_g.copy_(g.sum(0))
         sum_g_xhat.copy_((g * (y2d.float() - mean)).sum(0) * torch.rsqrt(var + eps))
     else:
-        _extension_ops().bn_backward_reduce(grad_out2d, out2d, y2d, mean, var, eps, out2d is not None, sum_g,
-                                            sum_g_xhat)
+        extension_ops().bn_backward_reduce(grad_out2d, out2d, y2d, mean, var, eps, out2d is not None, sum_g,
+                                           sum_g_xhat)
 
 
 def _bn_backward_apply_impl(grad_out2d, out2d, y2d, mean, var, weight, sum_g, sum_g_xhat, eps, grad_y,
@@ -314,8 +270,8 @@ def _bn_backward_apply_impl(grad_out2d, out2d, y2d, mean, var, weight, sum_g, su
         if grad_residual is not None:
             grad_residual.copy_(g)
     else:
-        _extension_ops().bn_backward_apply(grad_out2d, out2d, y2d, mean, var, weight, sum_g, sum_g_xhat, eps,
-                                           out2d is not None, grad_y, grad_residual)
+        extension_ops().bn_backward_apply(grad_out2d, out2d, y2d, mean, var, weight, sum_g, sum_g_xhat, eps,
+                                          out2d is not None, grad_y, grad_residual)
 
 
 def _update_running_stats(mean, var, count, running) -> None:
@@ -327,7 +283,7 @@ def _update_running_stats(mean, var, count, running) -> None:
         update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
         return
     channels = mean.shape[0]
-    with _device_context(mean):
+    with device_guard(mean):
         running_stats_update_kernel[(1,)](
             mean, var, running_mean, running_var, mean if num_batches_tracked is None else num_batches_tracked,
             0.0 if momentum is None else momentum, count / (count - 1), channels,
@@ -382,7 +338,7 @@ def channel_stats_partial_kernel(y_ptr, partial_mean_ptr, partial_m2_ptr, num_ba
 
 
 @triton.jit
-def _fold_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, unbiased_var, factor):
+def fold_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, unbiased_var, factor):
     """running = running * (1 - factor) + batch * factor for the channels `cols`, as nn.BatchNorm2d updates
     running_mean and running_var (with the unbiased batch variance), in fp32, stored in the buffers' dtype."""
     running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -435,7 +391,7 @@ def channel_stats_merge_kernel(y_ptr, partial_mean_ptr, partial_m2_ptr, mean_ptr
             factor = 1.0 / tl.load(num_batches_ptr).to(tl.float32)
         else:
             factor = momentum
-        _fold_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, shift + mean, m2 / (count - 1.0),
+        fold_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, shift + mean, m2 / (count - 1.0),
                             factor)
 
 
@@ -459,7 +415,7 @@ def running_stats_update_kernel(mean_ptr, var_ptr, running_mean_ptr, running_var
         col_mask = cols < C
         mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
         var = tl.load(var_ptr + cols, mask=col_mask, other=0.0)
-        _fold_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, var * bessel, factor)
+        fold_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, var * bessel, factor)
     if COUNT_BATCH:
         tl.debug_barrier()  # every thread has read the counter before it is written
         tl.store(num_batches_ptr, batches)
@@ -572,16 +528,6 @@ def bn_backward_apply_kernel(grad_out_ptr, out_ptr, y_ptr, mean_ptr, var_ptr, we
 # Triton launchers
 # --------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_context(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _tile_shape(channels: int) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
     return TILE_ELEMENTS // block_c, block_c
@@ -591,8 +537,7 @@ def _rows_per_program(rows: int, block_m: int, channel_blocks: int, device: torc
     """Rows each reduction program walks (a multiple of block_m), for about the number of programs the
     device runs at once."""
     if device.type == "cuda":
-        programs = PROGRAMS_PER_SM * _multiprocessor_count(device.index if device.index is not None
-                                                           else torch.cuda.current_device())
+        programs = PROGRAMS_PER_SM * num_sms(device)
     else:
         programs = INTERPRETER_PROGRAMS
     row_programs = max(1, programs // channel_blocks)
@@ -614,7 +559,7 @@ def _channel_stats_triton(y2d, mean, var, running=None):
     running_mean, running_var, num_batches, momentum = running if running is not None else (mean, mean, None, 0.0)
     count_batch = num_batches is not None
     num_batches = num_batches if count_batch else mean
-    with _device_context(y2d):
+    with device_guard(y2d):
         channel_stats_partial_kernel[(num_partials, channel_blocks)](
             y2d, partial_mean, partial_m2, num_batches, rows, channels, rows_per_program, COUNT_BATCH=count_batch,
             BLOCK_M=block_m, BLOCK_C=block_c)
@@ -629,7 +574,7 @@ def _bn_apply_triton(y2d, mean, var, weight, bias, eps, residual2d, relu, out):
     rows, channels = y2d.shape
     block_m, block_c = _tile_shape(channels)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_c))
-    with _device_context(y2d):
+    with device_guard(y2d):
         bn_apply_kernel[grid](
             y2d, residual2d if residual2d is not None else y2d, out, mean, var,
             weight if weight is not None else mean, bias if bias is not None else mean, rows, channels, eps,
@@ -645,7 +590,7 @@ def _bn_backward_reduce_triton(grad_out2d, out2d, y2d, mean, var, eps, sum_g, su
     num_partials = triton.cdiv(rows, rows_per_program)
     partial_g = y2d.new_empty((num_partials, channels), dtype=torch.float32)
     partial_gc = y2d.new_empty((num_partials, channels), dtype=torch.float32)
-    with _device_context(y2d):
+    with device_guard(y2d):
         bn_backward_reduce_partial_kernel[(num_partials, channel_blocks)](
             grad_out2d, out2d if out2d is not None else grad_out2d, y2d, mean, partial_g, partial_gc, rows,
             channels, rows_per_program, RELU=out2d is not None, BLOCK_M=block_m, BLOCK_C=block_c)
@@ -659,7 +604,7 @@ def _bn_backward_apply_triton(grad_out2d, out2d, y2d, mean, var, weight, sum_g, 
     rows, channels = y2d.shape
     block_m, block_c = _tile_shape(channels)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_c))
-    with _device_context(y2d):
+    with device_guard(y2d):
         bn_backward_apply_kernel[grid](
             grad_out2d, out2d if out2d is not None else grad_out2d, y2d, mean, var,
             weight if weight is not None else mean, sum_g if sum_g is not None else mean,
@@ -672,12 +617,6 @@ def _bn_backward_apply_triton(grad_out2d, out2d, y2d, mean, var, weight, sum_g, 
 # --------------------------------------------------------------------------------------------------------
 # The fused op's forward and backward, shared by the eager autograd.Function and the custom ops
 # --------------------------------------------------------------------------------------------------------
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """rows_view of a tensor known to be channels_last-contiguous, in one view op."""
-    n, c, h, w = x.shape
-    return x.as_strided((n * h * w, c), (c, 1))
-
 
 def _forward(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps, relu, impl, running=None):
     """(out, batch_mean, batch_var) as batchnorm_act_forward, the statistics None without use_batch_stats.
@@ -693,15 +632,15 @@ def _forward(x, weight, bias, running_mean, running_var, residual, use_batch_sta
         if running is not None:  # PyTorch counts an empty batch and leaves the statistics alone
             update_running_stats(*running, mean, var, 0)
         return out, mean if mean is None else mean.zero_(), var if var is None else var.zero_()
-    x2d = _rows(_channels_last(x))
+    x2d = rows_view(channels_last(x))
     if use_batch_stats:
         _channel_stats_impl(x2d, mean, var, impl, running)
         norm_mean, norm_var = mean, var
     else:
-        norm_mean, norm_var = _fp32_vector(running_mean), _fp32_vector(running_var)
-    residual2d = None if residual is None else _rows(_channels_last(residual))
-    _bn_apply_impl(x2d, norm_mean, norm_var, _fp32_vector(weight), _fp32_vector(bias), eps, residual2d, relu, impl,
-                   _rows(out))
+        norm_mean, norm_var = fp32_vector(running_mean), fp32_vector(running_var)
+    residual2d = None if residual is None else rows_view(channels_last(residual))
+    _bn_apply_impl(x2d, norm_mean, norm_var, fp32_vector(weight), fp32_vector(bias), eps, residual2d, relu, impl,
+                   rows_view(out))
     return out, mean, var
 
 
@@ -713,20 +652,20 @@ def _backward(grad_out, out, x, weight, mean, var, use_batch_stats, eps, relu, i
     grad_residual = empty_channels_last(x.shape, x.dtype, x.device) if residual_grad else x.new_empty(0)
     grad_weight = x.new_empty(c if param_grad else 0, dtype=torch.float32)
     grad_bias = x.new_empty(c if param_grad else 0, dtype=torch.float32)
-    mean, var = _fp32_vector(mean), _fp32_vector(var)
-    x2d = _rows(_channels_last(x))
-    grad_out2d = _rows(_channels_last(grad_out))
-    out2d = _rows(_channels_last(out)) if relu else None
+    mean, var = fp32_vector(mean), fp32_vector(var)
+    x2d = rows_view(channels_last(x))
+    grad_out2d = rows_view(channels_last(grad_out))
+    out2d = rows_view(channels_last(out)) if relu else None
     sum_g = sum_g_xhat = None
     if param_grad or (use_batch_stats and (input_grad or residual_grad)):
         sum_g, sum_g_xhat = ((grad_bias, grad_weight) if param_grad else
                              (x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)))
         _bn_backward_reduce_impl(grad_out2d, out2d, x2d, mean, var, eps, impl, sum_g, sum_g_xhat)
     if input_grad or residual_grad:
-        grad_y2d = _rows(grad_x) if input_grad else torch.empty_like(x2d)
-        _bn_backward_apply_impl(grad_out2d, out2d, x2d, mean, var, _fp32_vector(weight),
+        grad_y2d = rows_view(grad_x) if input_grad else torch.empty_like(x2d)
+        _bn_backward_apply_impl(grad_out2d, out2d, x2d, mean, var, fp32_vector(weight),
                                 sum_g if use_batch_stats else None, sum_g_xhat if use_batch_stats else None, eps,
-                                grad_y2d, _rows(grad_residual) if residual_grad else None, impl)
+                                grad_y2d, rows_view(grad_residual) if residual_grad else None, impl)
     return grad_x, grad_residual, grad_weight, grad_bias
 
 
@@ -759,7 +698,7 @@ class _BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps, relu, impl,
                 running):
-        x = _channels_last(x)  # saved for the backward as its kernels read it
+        x = channels_last(x)  # saved for the backward as its kernels read it
         out, batch_mean, batch_var = _forward(x, weight, bias, running_mean, running_var, residual,
                                               use_batch_stats, eps, relu, impl, running)
         mean, var = (batch_mean, batch_var) if use_batch_stats else (running_mean, running_var)
@@ -850,12 +789,8 @@ def _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracke
     if x.dim() != 4:
         raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
                          f"{tuple(x.shape)}")
-    c = x.shape[1]
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if v is not None and (v.shape != (c,) or v.device != x.device):
-            raise ValueError(f"batchnorm_act: {name} must have shape ({c},) (one value per channel of the input) "
-                             f"on {x.device}, got {tuple(v.shape)} on {v.device}")
+    check_channel_vectors("batchnorm_act", x.shape[1], x.device, weight=weight, bias=bias,
+                          running_mean=running_mean, running_var=running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("batchnorm_act: give both running_mean and running_var, or neither")
     if num_batches_tracked is not None and (num_batches_tracked.numel() != 1

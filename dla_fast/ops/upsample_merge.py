@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from .common import channels_last, device_guard, extension_ops
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
@@ -235,10 +236,6 @@ def grad_weight_reduce_kernel(partial_ptr, grad_weight_ptr, n_blocks, C, TAPS: t
     tl.store(grad_weight_ptr + c * TAPS + k, acc.to(grad_weight_ptr.dtype.element_ty), mask=ok)
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def _transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     """(C, 1, 2f, 2f) -> [(2f)^2, C] contiguous: the weight layout of the Triton kernels."""
     return weight.reshape(weight.shape[0], -1).t().contiguous()
@@ -273,9 +270,10 @@ def _triton_forward(low: torch.Tensor, weight_t: torch.Tensor, high: torch.Tenso
     block_m = max(16, 2048 // block_c)
     n_high_blocks = triton.cdiv(c_high, block_c) if concat else 0
     grid = (triton.cdiv(m_out, block_m), n_high_blocks + triton.cdiv(c, block_c))
-    upsample_merge_fwd_kernel[grid](low, weight_t, high, out,
-                                    m_out, c, c_high, c_out, H, W, h, w, n_high_blocks,
-                                    FACTOR=factor, CONCAT=concat, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    with device_guard(low):
+        upsample_merge_fwd_kernel[grid](low, weight_t, high, out,
+                                        m_out, c, c_high, c_out, H, W, h, w, n_high_blocks,
+                                        FACTOR=factor, CONCAT=concat, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     return out
 
 
@@ -295,35 +293,24 @@ def _triton_backward(grad_out: torch.Tensor, channel_offset: int, low: torch.Ten
     tiles_per_program = max(1, triton.cdiv(n_tiles, MAX_PARTIAL_ROWS))
     n_programs = triton.cdiv(n_tiles, tiles_per_program)
     partial = torch.empty((n_programs, taps, c), dtype=torch.float32, device=low.device)
-    if m_low > 0:
-        upsample_merge_bwd_kernel[(n_programs, triton.cdiv(c, block_c))](
-            grad_out, low, weight_t, grad_low, partial,
-            m_low, c, H, W, h, w, grad_out.shape[1], channel_offset, tiles_per_program,
-            FACTOR=factor, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
     reduce_block = 256
-    grad_weight_reduce_kernel[(triton.cdiv(taps * c, reduce_block),)](
-        partial, grad_weight, n_programs, c, TAPS=taps, BLOCK=reduce_block, num_warps=4)
+    with device_guard(low):
+        if m_low > 0:
+            upsample_merge_bwd_kernel[(n_programs, triton.cdiv(c, block_c))](
+                grad_out, low, weight_t, grad_low, partial,
+                m_low, c, H, W, h, w, grad_out.shape[1], channel_offset, tiles_per_program,
+                FACTOR=factor, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        grad_weight_reduce_kernel[(triton.cdiv(taps * c, reduce_block),)](
+            partial, grad_weight, n_programs, c, TAPS=taps, BLOCK=reduce_block, num_warps=4)
     return grad_low, grad_weight
 
 
-_EXTENSION_OPS = []  # torch.ops.dla_fast_C once the extension is loaded
-
-
-def _extension_ops():
-    """torch.ops.dla_fast_C, after importing the extension that registers it (only when 'cuda' runs)."""
-    if not _EXTENSION_OPS:
-        from dla_fast import _C  # noqa: F401
-
-        _EXTENSION_OPS.append(torch.ops.dla_fast_C)
-    return _EXTENSION_OPS[0]
-
-
 def _extension_forward(low, weight, high, factor, concat):
-    return _extension_ops().upsample_merge_forward(low, weight, high, factor, concat)
+    return extension_ops().upsample_merge_forward(low, weight, high, factor, concat)
 
 
 def _extension_backward(grad_out, channel_offset, low, weight, factor):
-    return _extension_ops().upsample_merge_backward(grad_out, channel_offset, low, weight, factor)
+    return extension_ops().upsample_merge_backward(grad_out, channel_offset, low, weight, factor)
 
 
 # impl -> (weight in the kernels' layout, forward, backward)
@@ -347,7 +334,7 @@ def upsample_merge_fwd(low: torch.Tensor, weight: torch.Tensor, high: torch.Tens
     """Fused forward with kernels `impl` ('triton' | 'cuda'); output channels_last (see module docstring)."""
     _check_impl(impl)
     kernel_weight, forward, _ = _IMPLS[impl]
-    return forward(_channels_last(low), kernel_weight(weight), _channels_last(high), factor, concat)
+    return forward(channels_last(low), kernel_weight(weight), channels_last(high), factor, concat)
 
 
 @upsample_merge_fwd.register_fake
@@ -361,7 +348,7 @@ def upsample_merge_bwd(grad_out: torch.Tensor, channel_offset: int, low: torch.T
     """(grad_low channels_last, grad_weight (C, 1, 2f, 2f)) from grad_out's channels [offset, offset + C)."""
     _check_impl(impl)
     kernel_weight, _, backward = _IMPLS[impl]
-    return backward(_channels_last(grad_out), channel_offset, _channels_last(low), kernel_weight(weight), factor)
+    return backward(channels_last(grad_out), channel_offset, channels_last(low), kernel_weight(weight), factor)
 
 
 @upsample_merge_bwd.register_fake
@@ -401,7 +388,7 @@ upsample_merge_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _saved_input_backward(grad_out, channel_offset, low, kernel_weight, factor, impl):
     """The backward on what the eager Function saved: low channels_last, the weight in the kernels' layout."""
-    return _IMPLS[impl][2](_channels_last(grad_out), channel_offset, low, kernel_weight, factor)
+    return _IMPLS[impl][2](channels_last(grad_out), channel_offset, low, kernel_weight, factor)
 
 
 class _UpsampleMergeFunction(torch.autograd.Function):
@@ -410,8 +397,8 @@ class _UpsampleMergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, low, weight, high, factor, concat, impl):
         kernel_weight, forward, _ = _IMPLS[impl]
-        low, weight = _channels_last(low), kernel_weight(weight)
-        out = forward(low, weight, _channels_last(high), factor, concat)
+        low, weight = channels_last(low), kernel_weight(weight)
+        out = forward(low, weight, channels_last(high), factor, concat)
         _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl)
         return out
 

@@ -1,0 +1,78 @@
+"""Helpers shared by the fused ops: NHWC row views, channels_last allocation, per-channel fp32 vectors, the
+CUDA device guard of Triton launches, and access to the compiled extension."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from .. import backend
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last memory format (no copy when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """The [N*H*W, C] rows of a channels_last-contiguous (N, C, H, W) tensor, as a view (callers guarantee the
+    layout: tensors they allocated with `empty_channels_last`, or passed through `channels_last`)."""
+    n, c, h, w = x.shape
+    return x.as_strided((n * h * w, c), (c, 1))
+
+
+def nhwc_rows(x: torch.Tensor) -> torch.Tensor:
+    """The [N*H*W, C] rows of any (N, C, H, W) tensor, copying it to channels_last once if it is not."""
+    return rows_view(channels_last(x))
+
+
+def empty_channels_last(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized (N, C, H, W) tensor with the strides of a contiguous (N, H, W, C) tensor permuted to
+    NCHW, whatever its sizes (also C == 1, H*W == 1, empty). Not a view: an autograd.Function may return it
+    and callers may modify it in place."""
+    n, c, h, w = shape
+    stride_w = max(c, 1)
+    stride_h = stride_w * max(w, 1)
+    return torch.empty_strided(shape, (stride_h * max(h, 1), 1, stride_h, stride_w), dtype=dtype, device=device)
+
+
+def fp32_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-channel vector as contiguous fp32 (no call at all when it already is: this runs on every node)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's for the launches in the block."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a small stand-in for the interpreter on the CPU)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_EXTENSION_OPS: list = []
+
+
+def extension_ops():
+    """torch.ops.dla_fast_C, loading the compiled extension on first use (BackendUnavailable without it)."""
+    if not _EXTENSION_OPS:
+        try:
+            from .. import _C  # noqa: F401  (registers the torch.ops.dla_fast_C kernels)
+        except ImportError as e:
+            raise backend.BackendUnavailable(f"backend 'cuda' needs the compiled extension dla_fast._C: {e}") from e
+        _EXTENSION_OPS.append(torch.ops.dla_fast_C)
+    return _EXTENSION_OPS[0]
+
+
+def check_channel_vectors(op: str, channels: int, device: torch.device, **vectors: Optional[torch.Tensor]) -> None:
+    """ValueError unless every given per-channel vector has shape (channels,) and lives on `device`."""
+    for name, v in vectors.items():
+        if v is not None and (v.shape != (channels,) or v.device != device):
+            raise ValueError(f"{op}: {name} must have shape ({channels},) (one value per channel) on {device}; "
+                             f"got {tuple(v.shape)} on {v.device}")
