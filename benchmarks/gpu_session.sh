@@ -34,7 +34,7 @@ for stage in "${STAGES[@]}"; do
     info) run_stage info 30 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu \
           --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__)'" ;;
     build) run_stage build 240 bash -c "$PY -m pip install --no-build-isolation --no-deps -e . && $PY -m dla_fast info" ;;
-    test) run_stage test 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda tests/ ;;
+    test) run_stage test 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda tests/ ;;
     bench-aggregate) run_stage bench-aggregate 120 $PY benchmarks/bench_aggregate.py --batches 256 --extra "" \
           --dtypes bf16,fp32 --providers eager,eager_cl,triton,cuda --out "$OUT/aggregate.json" ;;
     bench-aggregate-compile) run_stage bench-aggregate-compile 90 $PY benchmarks/bench_aggregate.py --batches 256 \
@@ -43,10 +43,12 @@ for stage in "${STAGES[@]}"; do
     bench-upsample) run_stage bench-upsample 60 $PY benchmarks/bench_upsample_merge.py --out "$OUT/upsample_merge.json" ;;
     bench-bn) run_stage bench-bn 60 $PY benchmarks/bench_batchnorm_act.py --out "$OUT/batchnorm_act.json" ;;
     bench-ida) run_stage bench-ida 80 $PY benchmarks/bench_ida.py --out "$OUT/ida.json" ;;
-    bench-models) run_stage bench-models 100 bash -c "$PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 \
-          --providers eager,dla_fast --no-progress --json $OUT/models_inference.json && \
-          $PY -m dla_fast bench --model dla34 --dtype bf16 --batch 256 --train --providers eager,dla_fast \
-          --no-progress --json $OUT/models_training.json" ;;
+    bench-models) run_stage bench-models 420 bash -c "set -e; B='$PY -m dla_fast bench --model dla34 --dtype bf16 \
+          --channels-last --no-progress'; \$B --batch 256 --providers eager,compile,dla_fast \
+          --json $OUT/models_cl_inference_b256.json; \$B --batch 32 --providers eager,compile,dla_fast \
+          --json $OUT/models_cl_inference_b32.json; \$B --batch 256 --train --providers eager,dla_fast \
+          --json $OUT/models_cl_training_b256.json; \$B --batch 256 --providers dla_fast_compile \
+          --json $OUT/models_cl_inference_b256_dla_fast_compile.json || echo 'dla_fast_compile failed'" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -70,7 +70,8 @@ PROVIDERS: Dict[str, Provider] = {
                         description="torch.compile (default mode) of the eager model"),
     "dla_fast": Provider("dla_fast", _prepare_dla_fast, baseline=False,
                          description="dla_fast.accelerate(model): fused aggregation nodes and IDA steps, "
-                                     "channels_last (kernels chosen by --backend)"),
+                                     "BatchNorm folded into the convs for inference, channels_last "
+                                     "(kernels chosen by --backend)"),
     "dla_fast_compile": Provider("dla_fast_compile", _prepare_dla_fast_compile, baseline=False,
                                  description="torch.compile of the accelerated model"),
 }

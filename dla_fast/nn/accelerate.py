@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..models.centernet import IDAUpAdd
 from ..models.dla_up import IDAUp
+from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
 from .root import FusedRoot
 
@@ -36,9 +37,18 @@ def _ida_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]
     return None, ""
 
 
+def _folded_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]], str]:
+    """Residual blocks and conv-BN-ReLU stacks: BatchNorm folded into the convs for inference."""
+    cls, reason = folded_replacement(module)
+    if cls is None:
+        return None, f"{reason} (runs eagerly)" if reason else ""
+    return (lambda: cls(module)), ""
+
+
 # Each converter looks at one module and says how to fuse it (or why it stays eager).
 CONVERTERS: List[Callable[[nn.Module], Tuple[Optional[Callable[[], nn.Module]], str]]] = [
     _root_conversion, _ida_conversion]
+FOLD_CONVERTERS = [_folded_conversion]
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -53,23 +63,26 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def accelerate(model: nn.Module, channels_last: bool = True, verbose: bool = False) -> nn.Module:
+def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, verbose: bool = False) -> nn.Module:
     """Replace DLA's aggregation nodes (and the other fusable pieces) of `model` by fused modules, in place.
 
     Works on dla_fast and timm DLA models, on any device, before or after `.to(device)`. Parameters,
     buffers and state_dict keys stay the same objects; `restore(model)` undoes it. With
     channels_last=True the model's weights go to channels_last memory format (the fused kernels' layout)
     and back on restore (unless they were channels_last already). Modules that cannot be fused are left eager
-    and named in a warning.
+    and named in a warning. With fold_bn=True the residual blocks and conv-BN-ReLU stacks are replaced too:
+    in eval mode without gradients they run with BatchNorm folded into the convs (one fused cuDNN call per
+    conv on CUDA; dla_fast.nn.folded), otherwise exactly as before.
     Which kernels run is decided at call time by dla_fast.backend. Returns the model.
     """
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already accelerated; call dla_fast.restore(model) first")
+    converters = CONVERTERS + (FOLD_CONVERTERS if fold_bn else [])
     swapped, skipped = [], []
     for name, module in list(model.named_modules()):
-        if not name:
-            continue
-        for convert in CONVERTERS:
+        if not name or any(name.startswith(done + ".") for done in swapped):
+            continue  # the model itself, or inside a module already replaced (which handles its own children)
+        for convert in converters:
             build, reason = convert(module)
             if build is not None:
                 _replace(model, name, build())
@@ -80,7 +93,7 @@ def accelerate(model: nn.Module, channels_last: bool = True, verbose: bool = Fal
                 break
     if not swapped:
         raise ValueError(f"accelerate found nothing to fuse in {type(model).__name__}: it has no DLA "
-                         "aggregation node (Root/DlaRoot) or IDA up-merge step")
+                         "aggregation node (Root/DlaRoot), IDA up-merge step or foldable conv + BatchNorm")
     if skipped:
         warnings.warn("dla_fast.accelerate left these modules eager:\n  " + "\n  ".join(skipped))
     was_channels_last = _is_channels_last(model)

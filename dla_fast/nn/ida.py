@@ -6,7 +6,9 @@ and runs the same computation through the fused ops:
   tensor is never written by itself, and for DLA-Up the concatenation is written directly);
 - every conv + BatchNorm + ReLU keeps its conv (cuDNN, or torchvision's deformable conv) and runs BN + ReLU
   as one pass with `batchnorm_act`; DLA-Up's 1x1 projections run as a one-child aggregation node (GEMM + BN +
-  ReLU in one kernel).
+  ReLU in one kernel);
+- in eval mode without gradients, every plain conv + BN + ReLU instead runs as one convolution with the
+  BatchNorm folded in (dla_fast.nn.folded; one fused cuDNN call on CUDA). Deformable convs are not folded.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn as nn
 from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.upsample_merge import upsample_merge
+from .folded import FoldedConvBN, fold_applies, unsupported
 
 
 def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -44,14 +47,37 @@ class _FusedIDA(nn.Module):
         super().__init__()
         for name, child in original.named_children():
             self.add_module(name, child)
+        self.training = original.training
         self.in_channels = original.in_channels
         self.out_channels = original.out_channels
         self.up_factors = original.up_factors
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+        self.__dict__["_folded"] = {}  # "proj_i" / "node_i" -> FoldedConvBN, for the plain convs
+
+    def _add_fold(self, name: str, conv: nn.Module, bn: nn.Module) -> None:
+        if not unsupported(conv, bn):
+            self.__dict__["_folded"][name] = FoldedConvBN(conv, bn)
 
     @property
     def original(self) -> nn.Module:
         return self.__dict__["_original"]
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the plain conv + BN + ReLU steps folded (eval, no gradients)."""
+        folded = self.__dict__["_folded"]
+        return bool(folded) and fold_applies(self, list(folded.values()), x)
+
+    def _conv_bn_relu(self, name: str, conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
+                      fold: bool) -> torch.Tensor:
+        pair = self.__dict__["_folded"].get(name)
+        if fold and pair is not None:
+            return pair(x)
+        return bn_relu(bn, conv(x))
+
+    def train(self, mode: bool = True):
+        for pair in self.__dict__["_folded"].values():
+            pair.clear()
+        return super().train(mode)
 
     def _check(self, layers: Sequence[torch.Tensor]) -> None:
         if len(layers) != len(self.in_channels):
@@ -62,12 +88,19 @@ class _FusedIDA(nn.Module):
 class FusedIDAUp(_FusedIDA):
     """DLA-Up's IDAUp (dla_fast.models.dla_up.IDAUp), fused: x_i = node_i(cat([x_{i-1}, up_i(proj_i(l_i))]))."""
 
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        for i in range(1, len(self.in_channels)):
+            node = getattr(self, f"node_{i}")
+            self._add_fold(f"node_{i}", node[0], node[1])
+
     def _project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         proj = getattr(self, f"proj_{i}")
         return x if isinstance(proj, nn.Identity) else conv1x1_bn_relu(proj[0], proj[1], x)
 
     def forward(self, layers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._check(layers)
+        fold = self._folds(layers[0])
         x = self._project(0, layers[0])  # up_0 is the identity (factor 1)
         nodes = []
         for i in range(1, len(layers)):
@@ -75,7 +108,7 @@ class FusedIDAUp(_FusedIDA):
             merged = upsample_merge(projected, _weight_like(getattr(self, f"up_{i}"), projected), x,
                                     self.up_factors[i], "concat")
             node = getattr(self, f"node_{i}")
-            x = bn_relu(node[1], node[0](merged))
+            x = self._conv_bn_relu(f"node_{i}", node[0], node[1], merged, fold)
             nodes.append(x)
         return x, nodes
 
@@ -84,13 +117,21 @@ class FusedIDAUpAdd(_FusedIDA):
     """CenterNet's IDAUpAdd (dla_fast.models.centernet.IDAUpAdd), fused:
     x_i = node_i(up_i(proj_i(l_i)) + x_{i-1}) with proj/node = conv (deformable or plain) + BN + ReLU."""
 
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        for i in range(1, len(self.in_channels)):
+            for name in (f"proj_{i}", f"node_{i}"):
+                step = getattr(self, name)
+                self._add_fold(name, step.conv, step.actf[0])
+
     def forward(self, layers: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         self._check(layers)
+        fold = self._folds(layers[0])
         outputs = [layers[0]]
         for i in range(1, len(layers)):
             proj, node = getattr(self, f"proj_{i}"), getattr(self, f"node_{i}")
-            projected = bn_relu(proj.actf[0], proj.conv(layers[i]))
+            projected = self._conv_bn_relu(f"proj_{i}", proj.conv, proj.actf[0], layers[i], fold)
             merged = upsample_merge(projected, _weight_like(getattr(self, f"up_{i}"), projected), outputs[-1],
                                     self.up_factors[i], "add")
-            outputs.append(bn_relu(node.actf[0], node.conv(merged)))
+            outputs.append(self._conv_bn_relu(f"node_{i}", node.conv, node.actf[0], merged, fold))
         return outputs

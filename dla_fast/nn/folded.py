@@ -1,0 +1,212 @@
+"""Inference-folded conv + BatchNorm modules: drop-ins for DLA's residual blocks and conv-BN-ReLU stacks.
+
+In eval mode, without gradients, each conv + BN [+ residual] [+ ReLU] of the block runs as one convolution
+with the BatchNorm folded into its weight and bias (dla_fast.ops.conv_bn_act: one fused cuDNN call on CUDA).
+In training mode, when gradients are wanted, or with backend 'torch', the module runs the block it replaced,
+unchanged. The folded weights are cached per dtype and device and recomputed whenever a parameter or a
+running statistic changes (PyTorch's version counters and data pointers), or the module's mode is switched.
+
+Replaces DLA's BasicBlock / timm's DlaBasic, Bottleneck / DlaBottleneck (also the X variants), and
+nn.Sequential stacks of (Conv2d, BatchNorm2d[, ReLU]) (base layer, level0/level1, tree projections).
+Res2Net blocks (Bottle2neck) stay eager.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import backend
+from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
+
+
+def unsupported(conv: nn.Module, bn: nn.Module) -> str:
+    """Why this (conv, bn) pair cannot be folded ('' when it can)."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (folding takes zero padding)"
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+        return f"{type(bn).__name__} without running statistics"
+    if conv.out_channels != bn.num_features:
+        return f"conv has {conv.out_channels} output channels, BatchNorm {bn.num_features}"
+    return ""
+
+
+class FoldedConvBN:
+    """One conv + BN pair, folded on demand. Not a module: it refers to modules owned by its parent."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        reason = unsupported(conv, bn)
+        if reason:
+            raise ValueError(f"cannot fold this conv and BatchNorm: {reason}")
+        self.conv, self.bn = conv, bn
+        self._cache: Dict[tuple, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+    def tensors(self) -> List[Optional[torch.Tensor]]:
+        conv, bn = self.conv, self.bn
+        return [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def folded(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self.conv, self.bn
+        if torch.compiler.is_compiling():  # traced: folded in the graph, no Python-side state
+            return fold_batchnorm(*self.tensors()[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
+        stamp = tuple((t._version, t.data_ptr()) if t is not None else None for t in self.tensors()) + (bn.eps,)
+        key = (dtype, conv.weight.device)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != stamp:
+            weight, bias = fold_batchnorm(*self.tensors()[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
+            hit = self._cache[key] = (stamp, weight, bias)
+        return hit[1], hit[2]
+
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+        weight, bias = self.folded(compute_dtype(x))
+        conv = self.conv
+        return conv_bias_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu)
+
+
+def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
+    """Whether `module` runs this call folded: eval mode, no gradient wanted, a backend other than 'torch'."""
+    if any(p.bn.training for p in pairs) or not foldable(False, x):
+        return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        return False
+    return backend.resolve(x.device, OP_NAME) != "torch"
+
+
+class _Folded(nn.Module):
+    """Shares the replaced module's children (same parameters and state_dict keys); `original` gives it back.
+    Subclasses name their (conv, bn) pairs in `pair_names`."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        reason = self.unsupported(original)
+        if reason:
+            raise ValueError(f"{type(self).__name__} cannot replace this {type(original).__name__}: {reason}")
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.training = original.training
+        self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+        self.__dict__["_pairs"] = [FoldedConvBN(getattr(self, c), getattr(self, b))
+                                   for c, b in self.pair_names(original)]
+
+    @staticmethod
+    def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str:
+        """Why `module` cannot be replaced ('' when it can)."""
+        pairs = cls.pair_names(module)
+        if not pairs:
+            return "no conv + BatchNorm pair"
+        for c, b in pairs:
+            reason = unsupported(getattr(module, c, None), getattr(module, b, None))
+            if reason:
+                return f"{c} + {b}: {reason}"
+        return ""
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_original"]
+
+    @property
+    def pairs(self) -> List[FoldedConvBN]:
+        return self.__dict__["_pairs"]
+
+    def folds(self, x: torch.Tensor) -> bool:
+        return fold_applies(self, self.pairs, x)
+
+    def train(self, mode: bool = True):
+        for pair in self.pairs:
+            pair.clear()
+        self.original.training = mode
+        return super().train(mode)
+
+
+class FoldedBasicBlock(_Folded):
+    """DLA's BasicBlock / timm's DlaBasic: relu(bn2(conv2(relu(bn1(conv1(x))))) + residual), two folded convs."""
+
+    @staticmethod
+    def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
+        return [("conv1", "bn1"), ("conv2", "bn2")]
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None) -> torch.Tensor:
+        if not self.folds(x):
+            return self.original(x, residual)
+        first, second = self.pairs
+        return second(first(x), x if residual is None else residual)
+
+
+class FoldedBottleneck(_Folded):
+    """DLA's Bottleneck (and BottleneckX) / timm's DlaBottleneck: 1x1, 3x3 (grouped), 1x1 folded convs."""
+
+    @staticmethod
+    def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
+        return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None) -> torch.Tensor:
+        if not self.folds(x):
+            return self.original(x, residual)
+        first, second, third = self.pairs
+        return third(second(first(x)), x if residual is None else residual)
+
+
+def _stack_layout(module: nn.Module) -> Optional[List[Tuple[str, str, bool]]]:
+    """(conv name, bn name, followed by ReLU) for an nn.Sequential of (Conv2d, BatchNorm2d[, ReLU])+, else None."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    items = list(module.named_children())
+    layout, i = [], 0
+    while i < len(items):
+        if i + 1 >= len(items) or not isinstance(items[i][1], nn.Conv2d) or not isinstance(items[i + 1][1],
+                                                                                          nn.BatchNorm2d):
+            return None
+        relu = i + 2 < len(items) and isinstance(items[i + 2][1], nn.ReLU)
+        layout.append((items[i][0], items[i + 1][0], relu))
+        i += 3 if relu else 2
+    return layout or None
+
+
+class FoldedConvBNStack(_Folded):
+    """An nn.Sequential of (Conv2d, BatchNorm2d[, ReLU])+: DLA's base layer, level0/level1 and tree projections."""
+
+    @staticmethod
+    def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
+        return [(c, b) for c, b, _ in _stack_layout(module) or ()]
+
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        self.relus = [relu for _, _, relu in _stack_layout(original)]
+
+    def __getitem__(self, index):
+        return self.original[index]
+
+    def __len__(self) -> int:
+        return len(self.original)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.folds(x):
+            return self.original(x)
+        for pair, relu in zip(self.pairs, self.relus):
+            x = pair(x, relu=relu)
+        return x
+
+
+def folded_replacement(module: nn.Module) -> Tuple[Optional[type], str]:
+    """(the Folded class that replaces `module`, or None; why not, for a block that cannot be folded)."""
+    name = type(module).__name__
+    if name in ("BasicBlock", "DlaBasic"):
+        cls = FoldedBasicBlock
+    elif name in ("Bottleneck", "DlaBottleneck"):
+        cls = FoldedBottleneck
+    elif _stack_layout(module) is not None:
+        cls = FoldedConvBNStack
+    else:
+        return None, ""
+    reason = cls.unsupported(module)
+    return (None, reason) if reason else (cls, "")
