@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #   stages: info build bench-aggregate test bench-ida bench-bn bench-upsample bench-models
-#           bench-aggregate-compile (default: all, in that order: most needed first)
+#           bench-aggregate-compile (default: all, in that order: most needed first);
+#           also bench-training, bench-centernet, test-changed (the GPU tests of the folding, graph and CLI files only)
 # Commit the JSON under benchmarks/results/<gpu>/ and make the tables with benchmarks/report.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,12 +44,19 @@ for stage in "${STAGES[@]}"; do
     bench-upsample) run_stage bench-upsample 60 $PY benchmarks/bench_upsample_merge.py --out "$OUT/upsample_merge.json" ;;
     bench-bn) run_stage bench-bn 60 $PY benchmarks/bench_batchnorm_act.py --out "$OUT/batchnorm_act.json" ;;
     bench-ida) run_stage bench-ida 80 $PY benchmarks/bench_ida.py --out "$OUT/ida.json" ;;
-    bench-models) run_stage bench-models 420 bash -c "set -e; B='$PY -m dla_fast bench --model dla34 --dtype bf16 \
-          --channels-last --no-progress'; \$B --batch 256 --providers eager,compile,dla_fast \
-          --json $OUT/models_cl_inference_b256.json; \$B --batch 32 --providers eager,compile,dla_fast \
-          --json $OUT/models_cl_inference_b32.json; \$B --batch 256 --train --providers eager,dla_fast \
-          --json $OUT/models_cl_training_b256.json; \$B --batch 256 --providers dla_fast_compile \
-          --json $OUT/models_cl_inference_b256_dla_fast_compile.json || echo 'dla_fast_compile failed'" ;;
+    bench-models) run_stage bench-models 420 bash -c "B='$PY -m dla_fast bench --model dla34 --dtype bf16 \
+          --channels-last --no-progress'; G=eager,compile,dla_fast,eager_graph,dla_fast_graph; \
+          \$B --batch 32 --providers \$G,compile_graph --json $OUT/models_cl_inference_b32.json; \
+          \$B --batch 1 --providers eager,compile_graph,dla_fast,eager_graph,dla_fast_graph \
+          --json $OUT/models_cl_inference_b1.json; \
+          \$B --batch 256 --providers \$G --json $OUT/models_cl_inference_b256.json" ;;
+    bench-training) run_stage bench-training 120 $PY -m dla_fast bench --model dla34 --dtype bf16 --channels-last \
+          --no-progress --batch 256 --train --providers eager,dla_fast --json $OUT/models_cl_training_b256.json ;;
+    bench-centernet) run_stage bench-centernet 200 $PY -m dla_fast bench --model centernet_dla34 --dtype bf16 \
+          --channels-last --no-progress --batch 16 --size 512 \
+          --providers eager,compile,dla_fast,eager_graph,dla_fast_graph --json $OUT/models_centernet_inference_b16.json ;;
+    test-changed) run_stage test-changed 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
+          tests/test_folded.py tests/test_cuda_graph.py tests/test_cli.py tests/test_accelerate.py ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

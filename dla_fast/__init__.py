@@ -4,14 +4,15 @@
     model = dla_fast.create_model("dla34")            # eager reference, timm-compatible weights
     dla_fast.load_checkpoint(model, "dla34.pth")      # timm / ucbdrive / CenterNet / training checkpoints
     dla_fast.accelerate(model)                         # fused kernels in place; dla_fast.restore(model) undoes
+    dla_fast.CUDAGraphInference(model.eval().cuda())   # small batches: replay one captured CUDA graph per call
 """
 from .backend import BackendUnavailable, available_backends, get_backend, set_backend, use_backend
 from .models import CheckpointMismatch, create_model, list_models, load_checkpoint
-from .nn import accelerate, accelerated_modules, restore
+from .nn import CUDAGraphInference, accelerate, accelerated_modules, restore
 from .version import __version__
 
 __all__ = [
-    "BackendUnavailable", "CheckpointMismatch", "__version__", "accelerate", "accelerated_modules",
+    "BackendUnavailable", "CUDAGraphInference", "CheckpointMismatch", "__version__", "accelerate", "accelerated_modules",
     "available_backends", "create_model", "get_backend", "list_models", "load_checkpoint", "restore",
     "set_backend", "use_backend",
 ]

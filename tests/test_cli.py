@@ -140,6 +140,8 @@ def test_cpu_defaults_are_small_and_announced():
     (["--size", "0"], "--size must be at least 32"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--checkpoint", "/nonexistent/weights.pth"], "checkpoint file not found"),
+    (["--providers", "eager,dla_fast_graph", "--train"], "CUDA-graph replay is for inference"),
+    (["--providers", "eager_graph"], "on a CUDA GPU (the device is cpu)"),
 ])
 def test_bad_options_exit_2_with_a_clear_message(args, message, capsys):
     assert main(["bench", *TINY, *args]) == 2
@@ -174,7 +176,8 @@ def test_bench_on_the_gpu(tmp_path, capsys):
         assert main(["bench", "--model", "dla46_c", "--batch", "2", "--size", "64", "--iters", "3", "--warmup", "2",
                      "--dtype", "bf16", "--no-progress", "--json", str(path), *extra]) == 0
         records = json.loads(path.read_text())["records"]
-        assert [r["provider"] for r in records] == ["eager", "dla_fast"]  # the GPU default: both
+        expected = ["eager", "dla_fast"] + ([] if extra else ["eager_graph", "dla_fast_graph"])
+        assert [r["provider"] for r in records] == expected  # the GPU defaults
         for record in records:
             assert record["device"] == torch.cuda.get_device_name() and "cuda events" in record["timing"]
             assert record["extra"]["peak_mem_kind"] == "torch.cuda.max_memory_allocated"

@@ -56,6 +56,10 @@ def _prepare_compile(model: nn.Module, config: "BenchConfig") -> nn.Module:
     return torch.compile(model)
 
 
+def _prepare_compile_graph(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return torch.compile(model, mode="reduce-overhead")
+
+
 def _prepare_dla_fast(model: nn.Module, config: "BenchConfig") -> nn.Module:
     return dla_fast.accelerate(model)
 
@@ -64,18 +68,36 @@ def _prepare_dla_fast_compile(model: nn.Module, config: "BenchConfig") -> nn.Mod
     return torch.compile(dla_fast.accelerate(model))
 
 
+def _prepare_eager_graph(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return dla_fast.CUDAGraphInference(model.eval())
+
+
+def _prepare_dla_fast_graph(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return dla_fast.CUDAGraphInference(dla_fast.accelerate(model).eval())
+
+
 PROVIDERS: Dict[str, Provider] = {
     "eager": Provider("eager", _prepare_eager, baseline=True, description="the reference model in eager PyTorch"),
     "compile": Provider("compile", _prepare_compile, baseline=True,
                         description="torch.compile (default mode) of the eager model"),
+    "compile_graph": Provider("compile_graph", _prepare_compile_graph, baseline=True,
+                              description="torch.compile(mode='reduce-overhead'): inductor kernels replayed "
+                                          "from CUDA graphs"),
     "dla_fast": Provider("dla_fast", _prepare_dla_fast, baseline=False,
                          description="dla_fast.accelerate(model): fused aggregation nodes and IDA steps, "
                                      "BatchNorm folded into the convs for inference, channels_last "
                                      "(kernels chosen by --backend)"),
     "dla_fast_compile": Provider("dla_fast_compile", _prepare_dla_fast_compile, baseline=False,
                                  description="torch.compile of the accelerated model"),
+    "eager_graph": Provider("eager_graph", _prepare_eager_graph, baseline=True,
+                            description="the eager model replayed from a captured CUDA graph (inference only)"),
+    "dla_fast_graph": Provider("dla_fast_graph", _prepare_dla_fast_graph, baseline=False,
+                               description="the accelerated model replayed from a captured CUDA graph "
+                                           "(dla_fast.CUDAGraphInference; inference only)"),
 }
-DEFAULT_PROVIDERS = {"cuda": "eager,dla_fast", "cpu": "eager"}
+GRAPH_PROVIDERS = ("eager_graph", "dla_fast_graph")
+DEFAULT_PROVIDERS = {"cuda": "eager,dla_fast,eager_graph,dla_fast_graph", "cuda_train": "eager,dla_fast",
+                     "cpu": "eager"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, help="timed calls (default 50 on GPU, 10 on CPU)")
     parser.add_argument("--providers", help="comma-separated ways to run the model, from: "
                         f"{', '.join(PROVIDERS)} (default: {DEFAULT_PROVIDERS['cuda']} on GPU, "
-                        f"{DEFAULT_PROVIDERS['cpu']} on CPU, where the fused kernels do not run)")
+                        f"{DEFAULT_PROVIDERS['cuda_train']} with --train; {DEFAULT_PROVIDERS['cpu']} on CPU, "
+                        "where the fused kernels do not run)")
     parser.add_argument("--backend", choices=dla_fast.backend.BACKENDS, default="auto",
                         help="dla_fast backend for the dla_fast providers (default auto)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
@@ -208,11 +231,16 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         raise UsageError(f"--size {size}: DLA needs image sides divisible by {DLA_STRIDE} (its total stride); "
                          f"try {lower} or {upper}")
     _check_dtype(args.dtype, device)
-    providers = tuple(p for p in (args.providers or DEFAULT_PROVIDERS[device.type]).split(",") if p)
+    default = DEFAULT_PROVIDERS["cuda_train" if device.type == "cuda" and args.train else device.type]
+    providers = tuple(p for p in (args.providers or default).split(",") if p)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown or not providers:
         raise UsageError(f"--providers: unknown {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(PROVIDERS)}")
+    graphed = [p for p in providers if p in GRAPH_PROVIDERS]
+    if graphed and (args.train or device.type != "cuda"):
+        raise UsageError(f"--providers {','.join(graphed)}: CUDA-graph replay is for inference on a CUDA GPU "
+                         f"({'--train was given' if args.train else f'the device is {device}'})")
     if any(p.startswith("dla_fast") for p in providers):
         reason = dla_fast.backend.unavailable_reason(args.backend, device)
         if reason:

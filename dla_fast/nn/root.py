@@ -25,6 +25,7 @@ class FusedRoot(nn.Module):
         self.conv = conv
         self.bn = bn
         self.residual = residual
+        self.training = original.training
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
 
     @staticmethod

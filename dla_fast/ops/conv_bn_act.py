@@ -17,6 +17,7 @@ reference is `conv_bn_act_reference` (conv2d, batch_norm with running statistics
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -95,6 +96,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, pa
                          f"is {out_shape} on {x.device}")
 
 
+def _failure_key(x, weight, stride, padding, dilation, groups, residual) -> tuple:
+    return (tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation),
+            groups, residual is not None)
+
+
 def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual):
     if residual is None:
         return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
@@ -103,8 +109,13 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual):
 
 def uses_cudnn_fusion(x: torch.Tensor, relu: bool) -> bool:
     """Whether conv_bias_act runs this call as one fused cuDNN call."""
-    return (relu and x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    return (relu and x.is_cuda and torch.backends.cudnn.enabled and _cudnn_available()
             and not torch.compiler.is_compiling())
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_available() -> bool:
+    return torch.backends.cudnn.is_available()
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: Sequence[int] = (1, 1),
@@ -118,17 +129,19 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
     """
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     _check(x, weight, bias, stride, padding, dilation, groups, residual)
-    x = x.to(weight.dtype)
-    if residual is not None:
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    if residual is not None and residual.dtype != weight.dtype:
         residual = residual.to(weight.dtype)
     if uses_cudnn_fusion(x, relu):
-        key = (tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), tuple(dilation),
-               groups, residual is not None)
-        if key not in _CUDNN_FAILURES:
+        key = None
+        if _CUDNN_FAILURES:
+            key = _failure_key(x, weight, stride, padding, dilation, groups, residual)
+        if key is None or key not in _CUDNN_FAILURES:
             try:
                 return _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual)
             except RuntimeError as e:
-                _CUDNN_FAILURES.add(key)
+                _CUDNN_FAILURES.add(_failure_key(x, weight, stride, padding, dilation, groups, residual))
                 warnings.warn(f"dla_fast {OP_NAME}: cuDNN could not fuse conv{tuple(weight.shape)} + bias + "
                               f"{'add + ' if residual is not None else ''}ReLU for input {tuple(x.shape)} "
                               f"{x.dtype} ({str(e).splitlines()[0]}); this configuration runs as separate "
