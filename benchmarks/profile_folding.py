@@ -4,7 +4,8 @@
    accelerated inference forward of each model, then times each distinct shape four ways (bf16, channels_last,
    triton.testing.do_bench medians, L2 flushed):
      eager     conv -> BatchNorm (running stats) [-> + residual] -> ReLU, as the model runs it
-     cudnn     one fused cuDNN call with the folded weight and bias (what accelerate() runs)
+     cudnn     one fused cuDNN call with the folded weight and bias (what accelerate() runs; for the rows
+               without ReLU, the 1x1 projections, cuDNN has no fused call and this is F.conv2d with the bias)
      folded    F.conv2d with the folded weight and bias, then add_ / relu_ (separate passes)
      conv+bnact  conv, then dla_fast's batchnorm_act (one BN [+ residual] + ReLU pass)
    and prints one row per shape (x count of calls per forward) and per-model totals.

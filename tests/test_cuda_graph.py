@@ -38,3 +38,30 @@ def test_graph_replay_equals_the_model(accelerated):
     model.train()
     with torch.no_grad(), pytest.raises(RuntimeError, match="model.eval"):
         graphed(x)
+
+
+@pytest.mark.cuda
+def test_graphs_survive_mode_switches_and_separate_autocast_regions():
+    """Capture under no_grad + autocast, replay in a later autocast region (autocast's weight cache is gone by
+    then); .eval() on the wrapper resets the graphs; a weight change followed by reset() is seen."""
+    ref = randomize_bn(dla_fast.create_model("dla46_c")).cuda().eval().to(memory_format=torch.channels_last)
+    model = dla_fast.accelerate(copy.deepcopy(ref))
+    graphed = dla_fast.CUDAGraphInference(model)
+    x = torch.randn(2, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            first = graphed(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.cuda.empty_cache()
+            again = graphed(x)
+            expected = ref(x)
+        assert torch.equal(first, again)
+        assert_close(again.float(), expected.float(), 3e-2)
+        graphed.eval()
+        assert not graphed._graphs
+        for m in (ref, model):
+            m.fc.weight.mul_(2.0)
+            m.level2.tree1.bn1.running_var.mul_(3.0)
+        graphed.reset()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert_close(graphed(x).float(), ref(x).float(), 3e-2, "after a weight change and reset()")

@@ -179,6 +179,73 @@ def test_res2net_blocks_stay_eager_and_the_model_still_matches():
         assert_close(fused(x), ref(x), 1e-5)
 
 
+def test_only_plain_conv_and_batchnorm_pairs_are_folded():
+    class NormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: its forward does more than BatchNorm
+        def forward(self, x):
+            return super().forward(x).sigmoid()
+
+    cases = {
+        "plain": (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), ""),
+        "norm_act": (nn.Sequential(nn.Conv2d(3, 4, 3), NormAct(4), nn.ReLU()), "not a plain BatchNorm2d"),
+        "no_stats": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+                     "without running statistics"),
+        "same_padding": (nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.BatchNorm2d(4)), "padding 'same'"),
+    }
+    for name, (module, reason) in cases.items():
+        cls, why = folded_module.folded_replacement(module)
+        if reason:
+            assert cls is None and reason in why, name
+        else:
+            assert cls is FoldedConvBNStack and why == "", name
+    assert folded_module.folded_replacement(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())) == (None, "")
+
+
+@pytest.mark.interpreter
+def test_blocks_of_other_networks_are_not_taken_for_dla_blocks():
+    """timm's ResNet BasicBlock (with squeeze-excitation) has DLA's names but more: it must stay eager, and the
+    accelerated network must still compute the same thing."""
+    ref = randomize_bn(timm.create_model("seresnet18", pretrained=False, num_classes=4)).eval()
+    assert folded_module.folded_replacement(ref.layer1[0]) == (None, "")
+    fused = dla_fast.accelerate(copy.deepcopy(ref))  # only the (conv, bn) downsample stacks are folded
+    assert not any(isinstance(m, (FoldedBasicBlock, FoldedBottleneck)) for m in fused.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), dla_fast.use_backend("triton"):
+        assert_close(fused(x), ref(x), 1e-5)
+
+
+@pytest.mark.interpreter
+def test_frozen_block_with_a_residual_that_needs_gradients_runs_eager(monkeypatch):
+    ref = randomize_bn(dla_fast.create_model("dla46_c")).eval()
+    block = ref.level2.tree1
+    fused = folded_module.FoldedBottleneck(copy.deepcopy(block))
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    counter = FoldCounter(monkeypatch)
+    x = torch.randn(1, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        residual = torch.randn(block(x, torch.zeros(1, block.conv3.out_channels, 4, 4)).shape, requires_grad=True)
+    with dla_fast.use_backend("triton"):
+        out = fused(x, shortcut=residual)  # timm's keyword
+        out.sum().backward()
+        assert counter.calls == 0 and residual.grad is not None
+        with torch.no_grad():
+            assert_close(fused(x, residual), block(x, residual), 1e-5)
+        assert counter.calls == 3
+
+
+@pytest.mark.interpreter
+def test_inference_tensor_parameters_are_folded_at_every_call():
+    with torch.inference_mode():
+        ref = randomize_bn(dla_fast.create_model("dla46_c")).eval()  # parameters are inference tensors
+        fused = dla_fast.accelerate(copy.deepcopy(ref))
+        x = torch.randn(1, 3, 32, 32)
+        with dla_fast.use_backend("triton"):
+            assert_close(fused(x), ref(x), 1e-5)
+            for model in (ref, fused):
+                model.level2.tree1.bn1.running_var.mul_(3.0)  # no version counter to notice this
+            assert_close(fused(x), ref(x), 1e-5, "after an in-place update")
+
+
 @pytest.mark.interpreter
 def test_fold_bn_false_and_restore():
     model = dla_fast.create_model("dla46_c")
@@ -189,8 +256,10 @@ def test_fold_bn_false_and_restore():
     dla_fast.accelerate(model)
     assert isinstance(model.level2.tree1, FoldedBottleneck) and isinstance(model.level2.project, FoldedConvBNStack)
     assert model.base_layer[0] is blocks["base_layer"][0] and len(model.base_layer) == 3
+    model.eval()  # switched while accelerated: the restored modules are in eval mode too
     dla_fast.restore(model)
     assert all(model.get_submodule(n) is m for n, m in blocks.items())
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.interpreter

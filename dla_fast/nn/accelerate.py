@@ -117,7 +117,9 @@ def restore(model: nn.Module) -> nn.Module:
     if state is None:
         raise RuntimeError("this model was not accelerated by dla_fast.accelerate")
     for name in state["swapped"]:
-        _replace(model, name, model.get_submodule(name).original)
+        fused = model.get_submodule(name)
+        fused.original.train(fused.training)  # the mode the model was switched to while accelerated
+        _replace(model, name, fused.original)
     if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)

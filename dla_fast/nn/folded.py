@@ -4,11 +4,15 @@ In eval mode, without gradients, each conv + BN [+ residual] [+ ReLU] of the blo
 with the BatchNorm folded into its weight and bias (dla_fast.ops.conv_bn_act: one fused cuDNN call on CUDA).
 In training mode, when gradients are wanted, or with backend 'torch', the module runs the block it replaced,
 unchanged. The folded weights are cached per dtype and device and recomputed whenever a parameter or a
-running statistic changes (PyTorch's version counters and data pointers), or the module's mode is switched.
+running statistic changes (PyTorch's version counters and data pointers), or the module's mode is switched;
+an in-place edit through `tensor.data` bypasses the version counters (call `.eval()` again after one), and
+inference tensors (no version counter) are refolded at every call. Hooks registered on the blocks' conv and
+BatchNorm submodules run only on the eager path (a folded call does not call those submodules).
 
-Replaces DLA's BasicBlock / timm's DlaBasic, Bottleneck / DlaBottleneck (also the X variants), and
-nn.Sequential stacks of (Conv2d, BatchNorm2d[, ReLU]) (base layer, level0/level1, tree projections).
-Res2Net blocks (Bottle2neck) stay eager.
+Replaces DLA's BasicBlock / timm's DlaBasic, Bottleneck / DlaBottleneck (also the X variants) — only these
+classes, from dla_fast.models.blocks and timm.models.dla, with exactly their children — and nn.Sequential
+stacks of (Conv2d, BatchNorm2d[, ReLU]) (base layer, level0/level1, tree projections). Res2Net blocks
+(Bottle2neck) stay eager.
 """
 from __future__ import annotations
 
@@ -21,13 +25,18 @@ from .. import backend
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
 
 
+_BATCHNORM_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+
+
 def unsupported(conv: nn.Module, bn: nn.Module) -> str:
     """Why this (conv, bn) pair cannot be folded ('' when it can)."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (folding takes zero padding)"
-    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(bn).forward not in _BATCHNORM_FORWARDS:
+        return f"{type(bn).__name__} is not a plain BatchNorm2d (a subclass with its own forward is not folded)"
+    if bn.running_mean is None or bn.running_var is None:
         return f"{type(bn).__name__} without running statistics"
     if conv.out_channels != bn.num_features:
         return f"conv has {conv.out_channels} output channels, BatchNorm {bn.num_features}"
@@ -55,7 +64,10 @@ class FoldedConvBN:
         conv, bn = self.conv, self.bn
         if torch.compiler.is_compiling():  # traced: folded in the graph, no Python-side state
             return fold_batchnorm(*self.tensors()[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
-        stamp = tuple((t._version, t.data_ptr()) if t is not None else None for t in self.tensors()) + (bn.eps,)
+        tensors = self.tensors()
+        if any(t is not None and t.is_inference() for t in tensors):  # no version counter: fold every call
+            return fold_batchnorm(*tensors[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
+        stamp = tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors) + (bn.eps,)
         key = (dtype, conv.weight.device)
         hit = self._cache.get(key)
         if hit is None or hit[0] != stamp:
@@ -63,15 +75,20 @@ class FoldedConvBN:
             hit = self._cache[key] = (stamp, weight, bias)
         return hit[1], hit[2]
 
+    def cached(self) -> List[torch.Tensor]:
+        """The folded weights and biases held now (CUDAGraphInference keeps them alive for its graphs)."""
+        return [t for _, weight, bias in self._cache.values() for t in (weight, bias)]
+
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
         weight, bias = self.folded(compute_dtype(x))
         conv = self.conv
         return conv_bias_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu)
 
 
-def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
-    """Whether `module` runs this call folded: eval mode, no gradient wanted, a backend other than 'torch'."""
-    if any(p.bn.training for p in pairs) or not foldable(False, x):
+def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, *inputs) -> bool:
+    """Whether `module` runs this call folded: eval mode, no gradient wanted (of the parameters, of x, of the
+    other `inputs` — a residual, IDA levels), a backend other than 'torch'."""
+    if any(p.bn.training for p in pairs) or not foldable(False, x, *inputs):
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         return False
@@ -118,8 +135,11 @@ class _Folded(nn.Module):
     def pairs(self) -> List[FoldedConvBN]:
         return self.__dict__["_pairs"]
 
-    def folds(self, x: torch.Tensor) -> bool:
-        return fold_applies(self, self.pairs, x)
+    def fold_pairs(self) -> List[FoldedConvBN]:
+        return self.pairs
+
+    def folds(self, x: torch.Tensor, *inputs) -> bool:
+        return fold_applies(self, self.pairs, x, *inputs)
 
     def train(self, mode: bool = True):
         for pair in self.pairs:
@@ -128,37 +148,58 @@ class _Folded(nn.Module):
         return super().train(mode)
 
 
-class FoldedBasicBlock(_Folded):
+_BLOCK_MODULES = ("dla_fast.models.blocks", "timm.models.dla")
+
+
+class _FoldedBlock(_Folded):
+    """A DLA residual block: its children must be exactly the named convs, BatchNorms and one nn.ReLU."""
+
+    CLASS_NAMES: Tuple[str, ...] = ()
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str:
+        if type(module).__name__ not in cls.CLASS_NAMES or type(module).__module__ not in _BLOCK_MODULES:
+            return f"{type(module).__module__}.{type(module).__name__} is not a DLA block"
+        expected = {name for pair in cls.pair_names(module) for name in pair} | {"relu"}
+        children = dict(module.named_children())
+        if set(children) != expected or not isinstance(children["relu"], nn.ReLU):
+            return f"children {sorted(children)} differ from a DLA block's {sorted(expected)}"
+        return super().unsupported(module)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None,
+                shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+        residual = shortcut if residual is None else residual  # timm names it `shortcut`
+        if not self.folds(x, residual):
+            return self.original(x, residual)
+        out = x
+        for pair in self.pairs[:-1]:
+            out = pair(out)
+        return self.pairs[-1](out, x if residual is None else residual)
+
+
+class FoldedBasicBlock(_FoldedBlock):
     """DLA's BasicBlock / timm's DlaBasic: relu(bn2(conv2(relu(bn1(conv1(x))))) + residual), two folded convs."""
+
+    CLASS_NAMES = ("BasicBlock", "DlaBasic")
 
     @staticmethod
     def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
         return [("conv1", "bn1"), ("conv2", "bn2")]
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None) -> torch.Tensor:
-        if not self.folds(x):
-            return self.original(x, residual)
-        first, second = self.pairs
-        return second(first(x), x if residual is None else residual)
 
-
-class FoldedBottleneck(_Folded):
+class FoldedBottleneck(_FoldedBlock):
     """DLA's Bottleneck (and BottleneckX) / timm's DlaBottleneck: 1x1, 3x3 (grouped), 1x1 folded convs."""
+
+    CLASS_NAMES = ("Bottleneck", "DlaBottleneck")
 
     @staticmethod
     def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
         return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None) -> torch.Tensor:
-        if not self.folds(x):
-            return self.original(x, residual)
-        first, second, third = self.pairs
-        return third(second(first(x)), x if residual is None else residual)
-
 
 def _stack_layout(module: nn.Module) -> Optional[List[Tuple[str, str, bool]]]:
     """(conv name, bn name, followed by ReLU) for an nn.Sequential of (Conv2d, BatchNorm2d[, ReLU])+, else None."""
-    if not isinstance(module, nn.Sequential):
+    if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
         return None
     items = list(module.named_children())
     layout, i = [], 0
@@ -198,15 +239,12 @@ class FoldedConvBNStack(_Folded):
 
 
 def folded_replacement(module: nn.Module) -> Tuple[Optional[type], str]:
-    """(the Folded class that replaces `module`, or None; why not, for a block that cannot be folded)."""
-    name = type(module).__name__
-    if name in ("BasicBlock", "DlaBasic"):
-        cls = FoldedBasicBlock
-    elif name in ("Bottleneck", "DlaBottleneck"):
-        cls = FoldedBottleneck
-    elif _stack_layout(module) is not None:
-        cls = FoldedConvBNStack
-    else:
+    """(the Folded class that replaces `module`, or None; why not, for a DLA block that cannot be folded)."""
+    for cls in (FoldedBasicBlock, FoldedBottleneck):
+        if type(module).__name__ in cls.CLASS_NAMES and type(module).__module__ in _BLOCK_MODULES:
+            reason = cls.unsupported(module)
+            return (None, reason) if reason else (cls, "")
+    if _stack_layout(module) is None:
         return None, ""
-    reason = cls.unsupported(module)
-    return (None, reason) if reason else (cls, "")
+    reason = FoldedConvBNStack.unsupported(module)
+    return (None, reason) if reason else (FoldedConvBNStack, "")

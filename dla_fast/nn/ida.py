@@ -62,10 +62,13 @@ class _FusedIDA(nn.Module):
     def original(self) -> nn.Module:
         return self.__dict__["_original"]
 
-    def _folds(self, x: torch.Tensor) -> bool:
+    def fold_pairs(self) -> List[FoldedConvBN]:
+        return list(self.__dict__["_folded"].values())
+
+    def _folds(self, layers: Sequence[torch.Tensor]) -> bool:
         """Whether this call runs the plain conv + BN + ReLU steps folded (eval, no gradients)."""
-        folded = self.__dict__["_folded"]
-        return bool(folded) and fold_applies(self, list(folded.values()), x)
+        pairs = self.fold_pairs()
+        return bool(pairs) and fold_applies(self, pairs, *layers)
 
     def _conv_bn_relu(self, name: str, conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
                       fold: bool) -> torch.Tensor:
@@ -100,7 +103,7 @@ class FusedIDAUp(_FusedIDA):
 
     def forward(self, layers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._check(layers)
-        fold = self._folds(layers[0])
+        fold = self._folds(layers)
         x = self._project(0, layers[0])  # up_0 is the identity (factor 1)
         nodes = []
         for i in range(1, len(layers)):
@@ -126,7 +129,7 @@ class FusedIDAUpAdd(_FusedIDA):
 
     def forward(self, layers: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         self._check(layers)
-        fold = self._folds(layers[0])
+        fold = self._folds(layers)
         outputs = [layers[0]]
         for i in range(1, len(layers)):
             proj, node = getattr(self, f"proj_{i}"), getattr(self, f"node_{i}")

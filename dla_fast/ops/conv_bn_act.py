@@ -41,7 +41,7 @@ def foldable(bn_training: bool, *tensors: Optional[torch.Tensor]) -> bool:
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the eager conv would compute in: the autocast dtype when autocast is on for x's device."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -101,6 +101,11 @@ def _failure_key(x, weight, stride, padding, dilation, groups, residual) -> tupl
             groups, residual is not None)
 
 
+def _is_device_error(e: RuntimeError) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(e, (torch.OutOfMemoryError, accelerator_error)) or "CUDA error" in str(e)
+
+
 def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual):
     if residual is None:
         return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
@@ -141,6 +146,8 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
             try:
                 return _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual)
             except RuntimeError as e:
+                if _is_device_error(e):  # out of memory, a CUDA error: not a fusion limit
+                    raise
                 _CUDNN_FAILURES.add(_failure_key(x, weight, stride, padding, dilation, groups, residual))
                 warnings.warn(f"dla_fast {OP_NAME}: cuDNN could not fuse conv{tuple(weight.shape)} + bias + "
                               f"{'add + ' if residual is not None else ''}ReLU for input {tuple(x.shape)} "
