@@ -257,9 +257,10 @@ def test_fold_bn_false_and_restore():
     assert isinstance(model.level2.tree1, FoldedBottleneck) and isinstance(model.level2.project, FoldedConvBNStack)
     assert model.base_layer[0] is blocks["base_layer"][0] and len(model.base_layer) == 3
     model.eval()  # switched while accelerated: the restored modules are in eval mode too
+    model.level2.tree1.bn1.train()  # ... except what the user set on its own
     dla_fast.restore(model)
     assert all(model.get_submodule(n) is m for n, m in blocks.items())
-    assert not any(m.training for m in model.modules())
+    assert [n for n, m in model.named_modules() if m.training] == ["level2.tree1.bn1"]
 
 
 @pytest.mark.interpreter

@@ -118,7 +118,10 @@ def restore(model: nn.Module) -> nn.Module:
         raise RuntimeError("this model was not accelerated by dla_fast.accelerate")
     for name in state["swapped"]:
         fused = model.get_submodule(name)
-        fused.original.train(fused.training)  # the mode the model was switched to while accelerated
+        shared = {id(m) for m in fused.modules()}  # these kept their own modes (e.g. a frozen BatchNorm)
+        for m in fused.original.modules():  # the rest take the mode the model was switched to meanwhile
+            if id(m) not in shared:
+                m.training = fused.training
         _replace(model, name, fused.original)
     if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)

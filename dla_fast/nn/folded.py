@@ -51,7 +51,7 @@ class FoldedConvBN:
         if reason:
             raise ValueError(f"cannot fold this conv and BatchNorm: {reason}")
         self.conv, self.bn = conv, bn
-        self._cache: Dict[tuple, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._cache: Dict[torch.dtype, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     def tensors(self) -> List[Optional[torch.Tensor]]:
         conv, bn = self.conv, self.bn
@@ -61,18 +61,17 @@ class FoldedConvBN:
         self._cache.clear()
 
     def folded(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        conv, bn = self.conv, self.bn
+        """(weight, bias) with the BatchNorm folded in, in `dtype`: cached per dtype (one entry each), refolded
+        when any source tensor changed in place, was replaced or moved."""
+        tensors, eps = self.tensors(), self.bn.eps
         if torch.compiler.is_compiling():  # traced: folded in the graph, no Python-side state
-            return fold_batchnorm(*self.tensors()[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
-        tensors = self.tensors()
+            return fold_batchnorm(*tensors, eps, dtype)
         if any(t is not None and t.is_inference() for t in tensors):  # no version counter: fold every call
-            return fold_batchnorm(*tensors[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
-        stamp = tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors) + (bn.eps,)
-        key = (dtype, conv.weight.device)
-        hit = self._cache.get(key)
+            return fold_batchnorm(*tensors, eps, dtype)
+        stamp = tuple((t._version, t.data_ptr(), t.device) if t is not None else None for t in tensors) + (eps,)
+        hit = self._cache.get(dtype)
         if hit is None or hit[0] != stamp:
-            weight, bias = fold_batchnorm(*self.tensors()[:4], bn.running_mean, bn.running_var, bn.eps, dtype)
-            hit = self._cache[key] = (stamp, weight, bias)
+            hit = self._cache[dtype] = (stamp, *fold_batchnorm(*tensors, eps, dtype))
         return hit[1], hit[2]
 
     def cached(self) -> List[torch.Tensor]:
