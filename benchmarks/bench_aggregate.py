@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
+from common import bench_op, default_device, save_records, timed_step  # noqa: E402
 from dla_fast.models import Root  # noqa: E402
 from dla_fast.nn import FusedRoot  # noqa: E402
 
@@ -131,9 +131,7 @@ def main(argv=None) -> int:
         tqdm.write(f"{root_name:28s} b{batch:<4d}@{size} {dt} {mode:9s} {provider:9s} "
                    f"{records[-1].ms_p50:8.3f} ms {records[-1].gbps or 0:7.0f} GB/s")
         del step, children, root
-    path = args.out or os.path.join(results_dir(device), "aggregate.json")
-    write_records(path, records)
-    print(f"wrote {len(records)} records to {path}")
+    save_records(records, args.out, device, "aggregate.json")
     return 0
 
 

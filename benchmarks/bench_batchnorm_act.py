@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
+from common import bench_op, default_device, save_records, timed_step  # noqa: E402
 from dla_fast.ops.batchnorm_act import batchnorm_act  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -153,9 +153,7 @@ def main(argv=None) -> int:
         tqdm.write(f"{name:20s} {dt} {mode:16s} {provider:7s} "
                    f"{records[-1].ms_p50:8.3f} ms {records[-1].gbps or 0:7.0f} GB/s")
         del step, x, residual, bn
-    path = args.out or os.path.join(results_dir(device), "batchnorm_act.json")
-    write_records(path, records)
-    print(f"wrote {len(records)} records to {path}")
+    save_records(records, args.out, device, "batchnorm_act.json")
     return 0
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
+from common import bench_op, default_device, save_records, timed_step  # noqa: E402
 from dla_fast.models.centernet import LAST_LEVEL  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -105,9 +105,7 @@ def main(argv=None) -> int:
                               extra=dict(net=net, batch=batch))
         records.append(record)
         tqdm.write(f"{net:14s} b{batch:<3d} {dt} {mode:9s} {provider:9s} {record.ms_p50:8.3f} ms")
-    path = args.out or os.path.join(results_dir(device), "ida.json")
-    write_records(path, records)
-    print(f"wrote {len(records)} records to {path}")
+    save_records(records, args.out, device, "ida.json")
     return 0
 
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dla_fast  # noqa: E402
-from common import bench_op, default_device, results_dir, timed_step, write_records  # noqa: E402
+from common import bench_op, default_device, save_records, timed_step  # noqa: E402
 from dla_fast.models.centernet import LAST_LEVEL, DLAUpAdd, IDAUpAdd  # noqa: E402
 from dla_fast.models.dla import VARIANTS  # noqa: E402
 from dla_fast.models.dla_up import DLAUp  # noqa: E402
@@ -222,9 +222,7 @@ def main(argv=None) -> int:
         tqdm.write(f"{name:26s} b{batch:<3d} {dt} {mode:9s} {provider:8s} "
                    f"{records[-1].ms_p50:8.3f} ms {records[-1].gbps or 0:7.0f} GB/s")
         del step, low, high, weight
-    path = args.out or os.path.join(results_dir(device), "upsample_merge.json")
-    write_records(path, records)
-    print(f"wrote {len(records)} records to {path}")
+    save_records(records, args.out, device, "upsample_merge.json")
     return 0
 
 

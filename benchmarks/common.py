@@ -8,7 +8,7 @@ which `python -m dla_fast bench` uses too; this module adds what only the script
 - `RotatingInputs`: several copies of an op's inputs, together larger than L2, used in turn;
 - `bench_op(...)`: time one provider on one case and return its record.
 
-A script collects its records and calls `write_records(os.path.join(results_dir(), "<op>.json"), records)`;
+A script collects its records and calls `save_records(records, args.out, device, "<op>.json")`;
 `python benchmarks/report.py benchmarks/results/<gpu>` turns the folder into a table and a plot.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dla_fast.cli.timing import QUANTILES, PeakMemory, Timing, time_cuda_kernel,
 __all__ = [
     "QUANTILES", "RECORD_FORMAT", "BenchRecord", "PeakMemory", "RotatingInputs", "Timing", "bench_op",
     "default_device", "device_name", "environment", "l2_cache_bytes", "make_record", "markdown_table",
-    "read_records", "results_dir", "slugify", "tensor_bytes", "time_cuda_kernel", "time_iterations", "time_op",
+    "read_records", "results_dir", "save_records", "slugify", "tensor_bytes", "time_cuda_kernel", "time_iterations", "time_op",
     "timed_step", "write_records",
 ]
 
@@ -39,6 +39,14 @@ FALLBACK_L2_BYTES = 50 * 2**20
 def default_device() -> torch.device:
     """The GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_records(records: Sequence[BenchRecord], out: Optional[str], device: torch.device, name: str) -> str:
+    """Write a run's records to `out`, or to results_dir(device)/name when no path was given; say where."""
+    path = out or os.path.join(results_dir(device), name)
+    write_records(path, records)
+    print(f"wrote {len(records)} records to {path}")
+    return path
 
 
 def results_dir(device: Optional[torch.device] = None, create: bool = True) -> str:
