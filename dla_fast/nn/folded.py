@@ -87,7 +87,7 @@ class FoldedConvBN:
 def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, *inputs) -> bool:
     """Whether `module` runs this call folded: eval mode, no gradient wanted (of the parameters, of x, of the
     other `inputs` — a residual, IDA levels), a backend other than 'torch'."""
-    if any(p.bn.training for p in pairs) or not foldable(False, x, *inputs):
+    if any(p.bn.training for p in pairs) or not foldable(x, *inputs):
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         return False

@@ -30,10 +30,9 @@ OP_NAME = "conv_bn_act"
 _CUDNN_FAILURES: set = set()
 
 
-def foldable(bn_training: bool, *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether conv + BN may be folded: BN uses its running statistics and no gradient is wanted."""
-    if bn_training:
-        return False
+def foldable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether no gradient is wanted of these tensors (the fold has no autograd; BatchNorm's running-statistics
+    mode is the caller's to check)."""
     if not torch.is_grad_enabled():
         return True
     return not any(t is not None and t.requires_grad for t in tensors)
@@ -166,7 +165,7 @@ def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[
     """[relu](BN_eval(conv2d(x)) [+ residual]), inference only (see `foldable`). Backend 'torch' (and 'auto'
     on CPU tensors) runs the eager reference; any other backend folds the BatchNorm into the conv (cuDNN's
     fused call on CUDA). Callers that run it often fold once with `fold_batchnorm` and call `conv_bias_act`."""
-    if not foldable(False, x, conv_weight, conv_bias, bn_weight, bn_bias, residual):
+    if not foldable(x, conv_weight, conv_bias, bn_weight, bn_bias, residual):
         raise RuntimeError(f"{OP_NAME} is inference-only (no autograd): run it under torch.no_grad() or "
                            "torch.inference_mode(), or use the eager modules when gradients are needed")
     if backend.resolve(x.device, OP_NAME) == "torch":
