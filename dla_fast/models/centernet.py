@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .arguments import check_bool, check_choice, check_int
 from .dla import VARIANTS, build_dla
 from .dla_up import ida_stages
 from .registry import register_model
@@ -193,6 +194,19 @@ def _head(in_channels: int, classes: int, head_conv: int, heatmap: bool) -> nn.M
     return head
 
 
+def check_heads(heads: Mapping[str, int], head_conv: int) -> None:
+    """ValueError naming the argument unless `heads` maps at least one identifier to a channel count >= 1 and
+    `head_conv` is an int >= 0 (the width of the heads' 3x3 conv; 0 for a single 1x1 conv)."""
+    if not isinstance(heads, Mapping) or not heads:
+        raise ValueError(f"heads must be a dict of at least one head, name -> output channels (e.g. {COCO_HEADS}); "
+                         f"got {heads!r}")
+    for name, channels in heads.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"heads: head name {name!r} must be a Python identifier (it becomes a submodule)")
+        check_int(f"heads[{name!r}]", channels, 1)
+    check_int("head_conv", head_conv, 0)
+
+
 class CenterNet(nn.Module):
     """CenterNet-style detector on a DLA backbone (CenterNet's pose_dla_dcn DLASeg, last_level 5).
 
@@ -218,11 +232,11 @@ class CenterNet(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown DLA backbone {variant!r}; known: {', '.join(VARIANTS)}")
-        if down_ratio not in DOWN_RATIOS:
-            raise ValueError(f"down_ratio must be one of {DOWN_RATIOS}; got {down_ratio!r}")
-        heads = dict(COCO_HEADS if heads is None else heads)
-        if not heads:
-            raise ValueError("CenterNet needs at least one head")
+        down_ratio = check_choice("down_ratio", down_ratio, DOWN_RATIOS)
+        heads = COCO_HEADS if heads is None else heads
+        check_heads(heads, head_conv)
+        heads = {name: int(channels) for name, channels in heads.items()}
+        dcn = check_bool("dcn", dcn)
         self.variant = f"centernet_{variant}"
         self.first_level = int(math.log2(down_ratio))
         self.down_ratio = down_ratio
@@ -233,9 +247,9 @@ class CenterNet(nn.Module):
         self.ida_up = IDAUpAdd(channels[0], channels[:merged], [2 ** i for i in range(merged)], deformable=dcn)
         self.heads = {}
         for name, classes in heads.items():
-            if not name.isidentifier() or hasattr(self, name):
-                raise ValueError(f"head name {name!r} must be a Python identifier that is not already an attribute "
-                                 "of the model (base, dla_up, ida_up, forward, ...)")
+            if hasattr(self, name):
+                raise ValueError(f"heads: head name {name!r} must not be an attribute of the model already "
+                                 "(base, dla_up, ida_up, forward, ...)")
             setattr(self, name, _head(channels[0], classes, head_conv, heatmap="hm" in name))
             self.heads[name] = classes
 

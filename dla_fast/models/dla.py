@@ -10,15 +10,41 @@ load with `strict=True`. The fused kernels are swapped in by `dla_fast.accelerat
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Type
+import numbers
+from collections.abc import Sequence as SequenceABC
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 
+from .arguments import check_bool, check_int
 from .blocks import BasicBlock, Bottle2neck, Bottleneck
 from .registry import register_model
 
 STRIDES = (1, 2, 4, 8, 16, 32)
+
+
+def check_out_indices(out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    """The levels `out_indices` selects, as increasing indices in 0..5; ValueError if it is not valid.
+
+    As in timm: an int n selects the last n levels, and negative indices count from the last level (-1 is the
+    stride-32 level). Unlike timm, repeated or unordered indices are refused (timm silently returns each level
+    once, finest first, so (3, 1) would not give the order asked for).
+    """
+    n = len(STRIDES)
+    allowed = (f"an int 1..{n} (the last n levels) or a sequence of level indices in {-n}..{n - 1} "
+               f"(strides {', '.join(map(str, STRIDES))}), increasing, without repeats")
+    if isinstance(out_indices, numbers.Integral) and not isinstance(out_indices, bool):
+        if not 1 <= out_indices <= n:
+            raise ValueError(f"out_indices must be {allowed}; got {out_indices}")
+        return tuple(range(n - int(out_indices), n))
+    if not isinstance(out_indices, SequenceABC) or isinstance(out_indices, str) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and -n <= i < n for i in out_indices):
+        raise ValueError(f"out_indices must be {allowed}; got {out_indices!r}")
+    levels = [int(i) % n for i in out_indices]
+    if not levels or any(a >= b for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"out_indices must be {allowed}; got {out_indices!r} (levels {levels})")
+    return tuple(levels)
 
 
 class Root(nn.Module):
@@ -117,26 +143,32 @@ class DLA(nn.Module):
         levels: depth of each of the six levels (levels 0, 1 are conv levels, 2..5 are trees).
         channels: width of each level.
         block: BasicBlock, Bottleneck or Bottle2neck.
-        num_classes: classes of the 1x1-conv classifier `fc`; 0 for no classifier.
+        num_classes: classes of the 1x1-conv classifier `fc` (an int >= 0); 0 for no classifier.
+        in_chans: input channels (an int >= 1).
         residual_root: whether the Roots add their first child (DLA-102 and deeper).
         features_only: forward returns the outputs of the levels in `out_indices` (strides 1..32).
-    Input: (N, in_chans, H, W) with H and W divisible by 32.
+        out_indices: as timm, an int n (the last n levels) or increasing level indices in -6..5.
+    Input: (N, in_chans, H, W) with H and W divisible by 32. Bad arguments raise ValueError naming them.
     """
 
     def __init__(self, levels: Sequence[int], channels: Sequence[int], block: Type[nn.Module],
                  num_classes: int = 1000, in_chans: int = 3, cardinality: int = 1, base_width: int = 64,
                  residual_root: bool = False, features_only: bool = False,
-                 out_indices: Sequence[int] = (1, 2, 3, 4, 5)):
+                 out_indices: Union[int, Sequence[int]] = (1, 2, 3, 4, 5)):
         super().__init__()
         if len(levels) != 6 or len(channels) != 6:
             raise ValueError(f"DLA needs 6 levels and 6 channel widths, got {list(levels)} and {list(channels)}")
-        bad = [i for i in out_indices if not 0 <= i <= 5]
-        if bad:
-            raise ValueError(f"out_indices must lie in 0..5 (levels 0..5, strides 1..32); got {list(out_indices)}")
+        levels = [check_int(f"levels[{i}]", n, 1) for i, n in enumerate(levels)]
+        channels = [check_int(f"channels[{i}]", c, 1) for i, c in enumerate(channels)]
+        num_classes = check_int("num_classes", num_classes, 0)
+        in_chans = check_int("in_chans", in_chans, 1)
+        cardinality = check_int("cardinality", cardinality, 1)
+        base_width = check_int("base_width", base_width, 1)
+        residual_root = check_bool("residual_root", residual_root)
         self.channels = tuple(channels)
         self.in_chans = in_chans
-        self.features_only = features_only
-        self.out_indices = tuple(out_indices)
+        self.features_only = check_bool("features_only", features_only)
+        self.out_indices = check_out_indices(out_indices)
         self.num_classes = 0 if features_only else num_classes
         tree_args = dict(cardinality=cardinality, base_width=base_width, root_residual=residual_root)
 

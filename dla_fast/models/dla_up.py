@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .arguments import check_choice, check_int
 from .dla import VARIANTS, build_dla
 from .registry import register_model
 from .upsample import bilinear_upsample
@@ -138,9 +139,9 @@ class DLASeg(nn.Module):
 
     Args:
         variant: the backbone, a key of `dla_fast.models.VARIANTS` (e.g. "dla34").
-        num_classes: classes of the 1x1 classifier `fc`.
+        num_classes: classes of the 1x1 classifier `fc` (an int >= 1).
         down_ratio: stride of the logits, 2, 4, 8 or 16; DLA-Up starts at level log2(down_ratio).
-        in_chans: input channels.
+        in_chans: input channels (an int >= 1).
 
     forward(x): x is (N, in_chans, H, W) with H and W divisible by 32 (the backbone raises ValueError
     otherwise). Returns (log_probs, logits), like ucbdrive:
@@ -155,8 +156,8 @@ class DLASeg(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown DLA backbone {variant!r}; known: {', '.join(VARIANTS)}")
-        if down_ratio not in DOWN_RATIOS:
-            raise ValueError(f"down_ratio must be one of {DOWN_RATIOS}; got {down_ratio!r}")
+        num_classes = check_int("num_classes", num_classes, 1)
+        down_ratio = check_choice("down_ratio", down_ratio, DOWN_RATIOS)
         self.variant = f"{variant}up"
         self.num_classes = num_classes
         self.down_ratio = down_ratio
