@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
-from typing import Dict, List, Mapping, Union
+import warnings
+import zipfile
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,15 +25,22 @@ _KNOWN_UNUSED = (
     re.compile(r"(^|\.)fc\.(weight|bias)$"),
 )
 _WRAPPER_KEYS = ("state_dict", "model", "module")
+# What torch.save writes first: a zip archive (since PyTorch 1.6), or the pickled magic number (legacy format).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_HEADS = tuple(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(2, 6))
+_HEAD_BYTES = 64
+_SHOWN = 8  # keys listed in a message before "... and N more"
 
 
 @dataclasses.dataclass
 class CheckpointReport:
-    """What `load_checkpoint` did: keys loaded, keys of the file it ignored, model keys it did not fill."""
+    """What `load_checkpoint` did: keys loaded, keys of the file it ignored, model keys it did not fill, and the
+    loaded tensors holding NaN or Inf (a warning names them too)."""
 
     loaded: List[str]
     ignored: List[str]
     missing: List[str]
+    non_finite: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
@@ -38,6 +48,8 @@ class CheckpointReport:
             lines.append(f"ignored {len(self.ignored)} keys the model does not use: {', '.join(self.ignored)}")
         if self.missing:
             lines.append(f"missing {len(self.missing)} keys (left as initialised): {', '.join(self.missing)}")
+        if self.non_finite:
+            lines.append(f"{len(self.non_finite)} loaded tensors hold NaN or Inf: {', '.join(self.non_finite)}")
         return "\n".join(lines)
 
 
@@ -45,33 +57,118 @@ class CheckpointMismatch(ValueError):
     """The checkpoint does not fit the model (another variant, another head size, ...)."""
 
 
+class UnreadableCheckpoint(ValueError):
+    """The file is not a checkpoint that can be read (not written by torch.save or safetensors, damaged, or
+    holding objects that weights_only=True refuses)."""
+
+
+def _describe(head: bytes, size: int) -> str:
+    """What a file that is neither a torch.save archive nor a safetensors file seems to be, from its first bytes."""
+    if size == 0:
+        return "an empty file"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights themselves (fetch them with `git lfs pull`)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a failed or redirected download?)"
+    if head.startswith(b"PK"):
+        return "a zip archive"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return ("a Python pickle that torch.save did not write (torch.load cannot read it, whatever weights_only; "
+                "if you trust it and it holds a state dict, unpickle it yourself and pass the dict)")
+    text = head.decode("utf-8", errors="ignore")  # the 64 bytes may end inside a character
+    if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file starting with {text.strip().splitlines()[0][:40]!r}" if text.strip() else "blank text"
+    return f"binary data starting with {head[:16]!r}"
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """The safetensors layout: an 8-byte little-endian header length, then the JSON header."""
+    return head[8:9] == b"{"
+
+
+def _read_safetensors(path: str) -> Mapping:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError(f"{path} is a safetensors file; reading it needs the safetensors package "
+                          "(pip install safetensors)") from e
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError for short files)
+        raise UnreadableCheckpoint(f"{path} is not a valid safetensors file: {e}") from e
+
+
+def _check_torch_zip(path: str) -> None:
+    """UnreadableCheckpoint unless `path` is a complete zip archive holding the data.pkl of torch.save."""
+    if not zipfile.is_zipfile(path):
+        raise UnreadableCheckpoint(f"{path} is a damaged or truncated zip archive (the torch.save format): its "
+                                   "end is missing or corrupt; copy or download it again")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "no files"
+        raise UnreadableCheckpoint(f"{path} is a zip archive but not a torch.save checkpoint (it holds {shown}; "
+                                   "no data.pkl)")
+
+
 def _read(path: Union[str, os.PathLike], weights_only: bool) -> Mapping:
+    """The object stored in a torch.save or safetensors file, recognised by its content (not its extension)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint path is a directory, not a file: {path}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if head.startswith(_ZIP_MAGIC):
+        _check_torch_zip(path)
+    elif _is_safetensors(head):
+        return _read_safetensors(path)
+    elif not head.startswith(_LEGACY_TORCH_HEADS):
+        kind = "a safetensors file" if path.endswith(".safetensors") else "a checkpoint"
+        raise UnreadableCheckpoint(f"{path} is not {kind}: it is {_describe(head, size)}. load_checkpoint reads files "
+                                   "written by torch.save (.pth, .pt, .bin, .ckpt) and safetensors files.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # torch's unpickler refuses non-tensor objects in weights_only mode
-        if weights_only:
-            raise RuntimeError(f"could not read {path} with weights_only=True ({e}). If you trust the file, "
-                               "pass weights_only=False.") from e
-        raise
+        with open(path, "rb") as f:  # a file object: torch.load would pick safetensors by a .safetensors name
+            return torch.load(f, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if not (weights_only and "weights only load failed" in str(e).lower()):
+            raise UnreadableCheckpoint(f"{path} is a torch.save checkpoint that torch.load could not unpickle "
+                                       f"({_first_line(e)}); the file may be damaged") from e
+        refused = re.findall(r"Unsupported (?:global: GLOBAL [\w.]+|[^\n.]*)", str(e))
+        what = f" ({refused[0]})" if refused else ""
+        raise UnreadableCheckpoint(
+            f"{path} is a torch.save checkpoint that holds Python objects besides tensors{what}, which "
+            "weights_only=True refuses to unpickle. If you trust the file, pass weights_only=False (unpickling can "
+            "run code), or allow those classes with torch.serialization.add_safe_globals.") from e
+    except Exception as e:  # torch reports a damaged archive as RuntimeError, a truncated pickle as EOFError, ...
+        raise UnreadableCheckpoint(f"{path} looks like a torch.save checkpoint, but torch.load could not read it "
+                                   f"({type(e).__name__}: {_first_line(e)}); the file may be damaged or truncated") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def extract_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
-    """Unwrap {'state_dict': ...} / {'model': ...} containers and strip a DataParallel 'module.' prefix."""
+    """Unwrap {'state_dict': ...} / {'model': ...} containers and whole pickled modules (torch.save(model), read
+    with weights_only=False), and strip a DataParallel 'module.' prefix."""
     sd = checkpoint
-    while isinstance(sd, Mapping):
-        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+    while True:
+        if isinstance(sd, nn.Module):
+            sd = sd.state_dict()
+        if not isinstance(sd, Mapping):
+            break
+        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), (Mapping, nn.Module))), None)
         if inner is None:
             break
         sd = inner
     if not isinstance(sd, Mapping) or not sd:
-        raise CheckpointMismatch("the checkpoint holds no state dict (looked inside 'state_dict' and 'model')")
+        held = "an empty dict" if isinstance(sd, Mapping) else f"a {type(sd).__name__}"
+        raise CheckpointMismatch(f"the checkpoint holds no state dict (it holds {held}; looked inside "
+                                 "'state_dict', 'model' and 'module')")
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if tensors and all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
@@ -103,38 +200,79 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     want = _signature(state_dict)
     matches = []
     for name in _candidates(state_dict):
-        try:
-            with torch.device("meta"):
-                candidate = create_model(name)
-        except TypeError:  # a model that needs arguments to be built
-            continue
-        if _signature(candidate.state_dict()) == want:
+        candidate = _build_on_meta(name, {})
+        if candidate is not None and _signature(candidate.state_dict()) == want:
             matches.append(name)
     return matches
 
 
-def _mismatch_error(problems: List[str], state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> CheckpointMismatch:
-    model_name = getattr(model, "variant", type(model).__name__)
-    guesses = guess_variant(state_dict)
-    hint = f" The checkpoint looks like {' or '.join(guesses)}." if guesses else ""
-    shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-    return CheckpointMismatch(f"checkpoint does not fit model {model_name}:{hint}\n  " + "\n  ".join(shown))
+def _heads(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, int]]:
+    """CenterNet heads of a state dict: name -> (output channels, head_conv), head_conv 0 for a lone 1x1 conv."""
+    heads = {}
+    for key, value in sd.items():
+        name, _, rest = key.partition(".")
+        if name in ("base", "dla_up", "ida_up") or value.dim() != 4:
+            continue
+        if rest == "2.weight" and f"{name}.0.weight" in sd:
+            heads[name] = (value.shape[0], sd[f"{name}.0.weight"].shape[0])
+        elif rest == "weight":
+            heads[name] = (value.shape[0], 0)
+    return heads
 
 
-def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True,
-                    verbose: bool = True, weights_only: bool = True) -> CheckpointReport:
-    """Load a checkpoint file (or a loaded dict) into `model` in place.
+def _format_heads(heads: Mapping[str, Tuple[int, int]]) -> str:
+    convs = sorted({conv for _, conv in heads.values()})
+    return f"{ {name: c for name, (c, _) in heads.items()} } (head_conv {', '.join(map(str, convs))})"
 
-    Accepts timm and ucbdrive state dicts, CenterNet's {'epoch', 'state_dict'} files and training
-    checkpoints wrapped in 'state_dict' or 'model', with or without a 'module.' prefix. Keys of modules
-    the model does not build (ucbdrive's unused `project` layers, a classifier the model lacks) are
-    ignored and reported. A checkpoint of another variant raises CheckpointMismatch naming the keys and
-    shapes that differ. With strict=True (the default) every other key must match both ways.
-    """
-    raw = checkpoint if isinstance(checkpoint, Mapping) else _read(checkpoint, weights_only)
-    sd = extract_state_dict(raw)
+
+def _stem_key(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    return next((k for k in ("base_layer.0.weight", "base.base_layer.0.weight") if k in sd), None)
+
+
+def _rebuild_arguments(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Tuple[List[str], Dict[str, object]]:
+    """Why a checkpoint of the model's own variant does not fit, and the create_model arguments it was built with:
+    deformable IDA convs (CenterNet dcn), head or classifier sizes, input channels."""
     own = model.state_dict()
+    reasons, changes = [], {}
+    if any(k.startswith("ida_up.") for k in sd) and any(k.startswith("ida_up.") for k in own):
+        deformable = any(".conv_offset_mask." in k for k in sd)
+        if deformable != any(".conv_offset_mask." in k for k in own):
+            reasons.append("the checkpoint's IDA convs are deformable (CenterNet's DCN, conv_offset_mask keys) and "
+                           "the model's are plain 3x3 convs" if deformable else
+                           "the checkpoint's IDA convs are plain 3x3 convs (FairMOT's pose_dla_conv, no "
+                           "conv_offset_mask keys) and the model's are deformable")
+            changes["dcn"] = deformable
+        theirs, ours = _heads(sd), _heads(own)
+        if theirs and theirs != ours:
+            reasons.append(f"the checkpoint's heads are {_format_heads(theirs)} and the model's {_format_heads(ours)}")
+            channels = {name: c for name, (c, _) in theirs.items()}
+            if channels != {name: c for name, (c, _) in ours.items()}:
+                changes["heads"] = channels
+            convs = {conv for _, conv in theirs.values()}
+            if len(convs) == 1 and convs != {conv for _, conv in ours.values()}:
+                changes["head_conv"] = convs.pop()
+    for key in ("fc.weight", "fc.0.weight"):  # DLA's classifier, DLASeg's
+        if key in own:
+            classes = own[key].shape[0]
+            if key in sd and sd[key].shape[0] != classes:
+                reasons.append(f"the checkpoint's classifier has {sd[key].shape[0]} classes and the model's {classes}")
+                changes["num_classes"] = sd[key].shape[0]
+            elif key not in sd and key == "fc.weight":
+                reasons.append("the checkpoint has no classifier (no fc.weight) and the model has one")
+                changes["num_classes"] = 0
+    stem = _stem_key(own)
+    if stem and stem == _stem_key(sd) and sd[stem].dim() == 4 and sd[stem].shape[1] != own[stem].shape[1]:
+        reasons.append(f"the checkpoint takes {sd[stem].shape[1]} input channels and the model "
+                       f"{own[stem].shape[1]}")
+        changes["in_chans"] = sd[stem].shape[1]
+    return reasons, changes
 
+
+def _compare(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], strict: bool
+             ) -> Tuple[List[str], List[str], Dict[str, torch.Tensor], List[str]]:
+    """(problems, ignored keys, usable tensors, model keys left missing) of loading `sd` into a model whose state
+    dict is `own`. Keys of modules the model does not build (_KNOWN_UNUSED) are ignored; with strict=True every
+    other key must be in both, and shapes must always agree."""
     problems, ignored, usable = [], [], {}
     for key, value in sd.items():
         if key not in own:
@@ -152,11 +290,91 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
     if strict:
         problems += [f"missing key {k} {tuple(own[k].shape)}" for k in missing if k not in sd]
+    return problems, ignored, usable, missing
+
+
+def _build_on_meta(name: str, kwargs: Mapping[str, object]) -> Optional[nn.Module]:
+    """create_model(name, **kwargs) without memory, or None when those arguments do not build a model."""
+    try:
+        with torch.device("meta"):
+            return create_model(name, **kwargs)
+    except (TypeError, ValueError, ImportError):
+        return None
+
+
+def _call(name: str, kwargs: Mapping[str, object]) -> str:
+    arguments = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return f"dla_fast.create_model({name!r}{arguments})"
+
+
+def _mismatch_error(problems: List[str], state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> CheckpointMismatch:
+    """The error for a checkpoint that does not fit: why (another variant, other classes or heads, dcn, input
+    channels), the create_model call of a model it fits (when one is found), then the keys and shapes that differ."""
+    model_name = getattr(model, "variant", type(model).__name__)
+    own = model.state_dict()
+    reasons, build = [], None
+    if not any(k in own for k in state_dict):
+        first = ", ".join(list(state_dict)[:3])
+        reasons.append(f"none of its {len(state_dict)} tensors has a key of the model (its first keys: {first})")
+    guesses = [g for g in guess_variant(state_dict) if g != model_name]
+    if guesses:
+        reasons.append(f"the checkpoint looks like {' or '.join(guesses)}")
+    name = guesses[0] if len(guesses) == 1 else model_name
+    reference = model if name == model_name else _build_on_meta(name, {})
+    if name in list_models() and reference is not None:
+        why, changes = _rebuild_arguments(state_dict, reference)
+        candidate = _build_on_meta(name, changes)
+        if candidate is not None and not _compare(state_dict, candidate.state_dict(), strict=True)[0]:
+            reasons += why if reference is model else []
+            build = f"Build the model as {_call(name, changes)} to load it."
+            if changes.get("num_classes") and "fc.weight" in reference.state_dict():
+                build += " (num_classes=0 loads the backbone alone.)"
+    hint = "".join([f" {'; '.join(reasons)}." if reasons else "", f" {build}" if build else ""])
+    shown = problems[:_SHOWN] + ([f"... and {len(problems) - _SHOWN} more"] if len(problems) > _SHOWN else [])
+    return CheckpointMismatch(f"checkpoint does not fit model {model_name}:{hint} Differences:\n  "
+                              + "\n  ".join(shown))
+
+
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Key -> number of NaN/Inf values, for the floating-point tensors that hold any."""
+    counts = {}
+    for key, value in tensors.items():
+        if value.is_floating_point() and value.device.type != "meta":
+            bad = value.numel() - int(torch.isfinite(value).sum())
+            if bad:
+                counts[key] = bad
+    return counts
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True,
+                    verbose: bool = True, weights_only: bool = True) -> CheckpointReport:
+    """Load a checkpoint file (or a loaded dict) into `model` in place.
+
+    Accepts timm and ucbdrive state dicts, CenterNet's {'epoch', 'state_dict'} files and training
+    checkpoints wrapped in 'state_dict' or 'model', with or without a 'module.' prefix, as torch.save or
+    safetensors files (recognised by their content). Keys of modules the model does not build (ucbdrive's
+    unused `project` layers, a classifier the model lacks) are ignored and reported. A checkpoint that does
+    not fit raises CheckpointMismatch saying why (another variant, other classes or heads, dcn) and how to build
+    a model it fits, then the keys and shapes that differ. With strict=True (the default) every other key must
+    match both ways. A file that is no checkpoint raises UnreadableCheckpoint saying what it is. Tensors holding
+    NaN or Inf are loaded as they are, with a RuntimeWarning naming them.
+    """
+    raw = checkpoint if isinstance(checkpoint, Mapping) else _read(checkpoint, weights_only)
+    sd = extract_state_dict(raw)
+    problems, ignored, usable, missing = _compare(sd, model.state_dict(), strict)
     if problems:
         raise _mismatch_error(problems, sd, model)
 
+    non_finite = _non_finite(usable)
+    if non_finite:
+        source = os.fspath(checkpoint) if not isinstance(checkpoint, Mapping) else "the given state dict"
+        listed = [f"{k} ({n} of {usable[k].numel()} values)" for k, n in non_finite.items()]
+        listed = listed[:_SHOWN] + ([f"... and {len(listed) - _SHOWN} more"] if len(listed) > _SHOWN else [])
+        warnings.warn(f"{len(non_finite)} tensor(s) of {source} hold NaN or Inf and were loaded as they are "
+                      f"(a diverged training run?): {', '.join(listed)}", RuntimeWarning, stacklevel=2)
     model.load_state_dict(usable, strict=False)
-    report = CheckpointReport(loaded=sorted(usable), ignored=sorted(ignored), missing=missing)
+    report = CheckpointReport(loaded=sorted(usable), ignored=sorted(ignored), missing=missing,
+                              non_finite=sorted(non_finite))
     if verbose:
         print(report)
     return report
