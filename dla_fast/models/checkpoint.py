@@ -220,52 +220,56 @@ def _heads(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, int]]:
     return heads
 
 
-def _format_heads(heads: Mapping[str, Tuple[int, int]]) -> str:
-    convs = sorted({conv for _, conv in heads.values()})
-    return f"{ {name: c for name, (c, _) in heads.items()} } (head_conv {', '.join(map(str, convs))})"
-
-
 def _stem_key(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     return next((k for k in ("base_layer.0.weight", "base.base_layer.0.weight") if k in sd), None)
 
 
-def _rebuild_arguments(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Tuple[List[str], Dict[str, object]]:
-    """Why a checkpoint of the model's own variant does not fit, and the create_model arguments it was built with:
-    deformable IDA convs (CenterNet dcn), head or classifier sizes, input channels."""
-    own = model.state_dict()
-    reasons, changes = [], {}
-    if any(k.startswith("ida_up.") for k in sd) and any(k.startswith("ida_up.") for k in own):
-        deformable = any(".conv_offset_mask." in k for k in sd)
-        if deformable != any(".conv_offset_mask." in k for k in own):
-            reasons.append("the checkpoint's IDA convs are deformable (CenterNet's DCN, conv_offset_mask keys) and "
-                           "the model's are plain 3x3 convs" if deformable else
-                           "the checkpoint's IDA convs are plain 3x3 convs (FairMOT's pose_dla_conv, no "
-                           "conv_offset_mask keys) and the model's are deformable")
-            changes["dcn"] = deformable
-        theirs, ours = _heads(sd), _heads(own)
-        if theirs and theirs != ours:
-            reasons.append(f"the checkpoint's heads are {_format_heads(theirs)} and the model's {_format_heads(ours)}")
-            channels = {name: c for name, (c, _) in theirs.items()}
-            if channels != {name: c for name, (c, _) in ours.items()}:
-                changes["heads"] = channels
-            convs = {conv for _, conv in theirs.values()}
-            if len(convs) == 1 and convs != {conv for _, conv in ours.values()}:
-                changes["head_conv"] = convs.pop()
-    for key in ("fc.weight", "fc.0.weight"):  # DLA's classifier, DLASeg's
-        if key in own:
-            classes = own[key].shape[0]
-            if key in sd and sd[key].shape[0] != classes:
-                reasons.append(f"the checkpoint's classifier has {sd[key].shape[0]} classes and the model's {classes}")
-                changes["num_classes"] = sd[key].shape[0]
-            elif key not in sd and key == "fc.weight":
-                reasons.append("the checkpoint has no classifier (no fc.weight) and the model has one")
-                changes["num_classes"] = 0
-    stem = _stem_key(own)
-    if stem and stem == _stem_key(sd) and sd[stem].dim() == 4 and sd[stem].shape[1] != own[stem].shape[1]:
-        reasons.append(f"the checkpoint takes {sd[stem].shape[1]} input channels and the model "
-                       f"{own[stem].shape[1]}")
-        changes["in_chans"] = sd[stem].shape[1]
-    return reasons, changes
+def _arguments(sd: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+    """The create_model arguments a state dict was built with, as far as its keys and shapes tell: in_chans,
+    num_classes (DLA, DLA-Up), and for CenterNet dcn, heads, head_conv; down_ratio of DLA-Up and CenterNet."""
+    arguments = {}
+    stem = _stem_key(sd)
+    if stem is not None and sd[stem].dim() == 4:
+        arguments["in_chans"] = sd[stem].shape[1]
+    if any(k.startswith("ida_up.") for k in sd):  # CenterNet
+        arguments["dcn"] = any(".conv_offset_mask." in k for k in sd)
+        heads = _heads(sd)
+        arguments["heads"] = {name: channels for name, (channels, _) in heads.items()}
+        convs = {conv for _, conv in heads.values()}
+        if len(convs) == 1:
+            arguments["head_conv"] = convs.pop()
+    elif "fc.0.weight" in sd:  # DLA-Up segmentation
+        arguments["num_classes"] = sd["fc.0.weight"].shape[0]
+    elif stem == "base_layer.0.weight":  # a DLA backbone, with or without its classifier
+        arguments["num_classes"] = sd["fc.weight"].shape[0] if "fc.weight" in sd else 0
+    stages = {k.split(".")[1] for k in sd if k.startswith("dla_up.ida_")}
+    if stages:  # DLA-Up merges levels log2(down_ratio)..5 in len(stages) steps
+        arguments["down_ratio"] = 2 ** (5 - len(stages))
+    return arguments
+
+
+def _reasons(theirs: Mapping[str, object], ours: Mapping[str, object]) -> List[str]:
+    """Why a checkpoint with create_model arguments `theirs` does not fit a model built with `ours`."""
+    differ = [k for k in theirs if k in ours and theirs[k] != ours[k]]
+    reasons = []
+    if "dcn" in differ:
+        reasons.append("the checkpoint's IDA convs are deformable (CenterNet's DCN, conv_offset_mask keys) and the "
+                       "model's are plain 3x3 convs" if theirs["dcn"] else
+                       "the checkpoint's IDA convs are plain 3x3 convs (FairMOT's pose_dla_conv, no conv_offset_mask "
+                       "keys) and the model's are deformable")
+    if "heads" in differ or "head_conv" in differ:
+        reasons.append(f"the checkpoint's heads are {theirs['heads']} (head_conv {theirs.get('head_conv', 'mixed')}) "
+                       f"and the model's {ours['heads']} (head_conv {ours.get('head_conv', 'mixed')})")
+    if "num_classes" in differ:
+        reasons.append("the checkpoint has no classifier (no fc.weight) and the model has one" if theirs["num_classes"]
+                       == 0 else f"the checkpoint's classifier has {theirs['num_classes']} classes and the model's "
+                       f"{ours['num_classes']}")
+    if "in_chans" in differ:
+        reasons.append(f"the checkpoint takes {theirs['in_chans']} input channels and the model {ours['in_chans']}")
+    if "down_ratio" in differ:
+        reasons.append(f"the checkpoint's outputs have stride {theirs['down_ratio']} (down_ratio) and the model's "
+                       f"{ours['down_ratio']}")
+    return reasons
 
 
 def _compare(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], strict: bool
@@ -309,7 +313,8 @@ def _call(name: str, kwargs: Mapping[str, object]) -> str:
 
 def _mismatch_error(problems: List[str], state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> CheckpointMismatch:
     """The error for a checkpoint that does not fit: why (another variant, other classes or heads, dcn, input
-    channels), the create_model call of a model it fits (when one is found), then the keys and shapes that differ."""
+    channels, down ratio), the create_model call of a model it fits (when one is found, checked on the meta
+    device), then the keys and shapes that differ."""
     model_name = getattr(model, "variant", type(model).__name__)
     own = model.state_dict()
     reasons, build = [], None
@@ -320,14 +325,17 @@ def _mismatch_error(problems: List[str], state_dict: Mapping[str, torch.Tensor],
     if guesses:
         reasons.append(f"the checkpoint looks like {' or '.join(guesses)}")
     name = guesses[0] if len(guesses) == 1 else model_name
-    reference = model if name == model_name else _build_on_meta(name, {})
-    if name in list_models() and reference is not None:
-        why, changes = _rebuild_arguments(state_dict, reference)
+    default = _build_on_meta(name, {}) if name in list_models() else None
+    if default is not None:
+        theirs, defaults = _arguments(state_dict), _arguments(default.state_dict())
+        ours = _arguments(own) if name == model_name else defaults
+        # the arguments that differ from the defaults, and those the user set otherwise (dcn=False -> dcn=True)
+        changes = {k: v for k, v in theirs.items() if k in defaults and v != defaults[k] or k in ours and v != ours[k]}
         candidate = _build_on_meta(name, changes)
         if candidate is not None and not _compare(state_dict, candidate.state_dict(), strict=True)[0]:
-            reasons += why if reference is model else []
+            reasons += _reasons(theirs, ours) if name == model_name else []
             build = f"Build the model as {_call(name, changes)} to load it."
-            if changes.get("num_classes") and "fc.weight" in reference.state_dict():
+            if changes.get("num_classes") and "fc.weight" in default.state_dict():
                 build += " (num_classes=0 loads the backbone alone.)"
     hint = "".join([f" {'; '.join(reasons)}." if reasons else "", f" {build}" if build else ""])
     shown = problems[:_SHOWN] + ([f"... and {len(problems) - _SHOWN} more"] if len(problems) > _SHOWN else [])
