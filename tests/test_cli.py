@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ def run_module(*args):
 
 
 def bench_in_process(tmp_path, *args):
-    """Run `bench` with --json in this process; returns (stdout, the records)."""
-    path = tmp_path / "bench.json"
+    """Run `bench` with --json (in a folder it creates) in this process; returns (stdout, the records)."""
+    path = tmp_path / "results" / "bench.json"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["bench", *TINY, "--no-progress", "--json", str(path), *args]) == 0
@@ -38,16 +39,18 @@ def bench_in_process(tmp_path, *args):
 
 @pytest.fixture(scope="module")
 def inference_run(tmp_path_factory):
-    """(stdout, record) of the tiny inference benchmark, run once for the tests that read it."""
-    out, (record,) = bench_in_process(tmp_path_factory.mktemp("inference"))
-    return out, record
+    """(stdout, eager record) of the tiny inference benchmark with the default providers, run once for the tests
+    that read it."""
+    out, records = bench_in_process(tmp_path_factory.mktemp("inference"))
+    assert [r["provider"] for r in records] == ["eager", "dla_fast"]  # the CPU defaults show what dla_fast does
+    return out, records[0]
 
 
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory):
     """(finished process, record) of `python -m dla_fast bench --train`, with its progress bar, run once."""
     path = tmp_path_factory.mktemp("train") / "train.json"
-    done = run_module("bench", *TINY, "--train", "--json", str(path))
+    done = run_module("bench", *TINY, "--train", "--providers", "eager", "--json", str(path))
     assert done.returncode == 0, done.stderr
     (record,) = json.loads(path.read_text())["records"]
     return done, record
@@ -109,7 +112,8 @@ def test_flop_count_matches_the_convolutions(inference_run, training_run):
 def test_bench_bf16_channels_last_from_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(dla_fast.create_model("dla46_c").state_dict(), path)
-    out, (record,) = bench_in_process(tmp_path, "--dtype", "bf16", "--channels-last", "--checkpoint", str(path))
+    out, (record,) = bench_in_process(tmp_path, "--dtype", "bf16", "--channels-last", "--checkpoint", str(path),
+                                      "--providers", "eager")
     assert record["dtype"] == "bf16" and record["provider"] == "eager_channels_last"
     assert record["extra"]["layout"] == "channels_last" and "AMP autocast" in out
     assert record["extra"]["weights"] == str(path) and "loaded" in out
@@ -129,6 +133,7 @@ def test_several_providers_give_one_row_each():
 def test_cpu_defaults_are_small_and_announced():
     config = bench.resolve_config(build_parser().parse_args(["bench"]))
     assert (config.device.type, config.batch, config.size) == ("cpu", 2, 224)
+    assert config.providers == ("eager", "dla_fast")
     assert "no CUDA GPU found" in config.defaults_note and "batch 2" in config.defaults_note
     explicit = bench.resolve_config(build_parser().parse_args(["bench", *TINY]))
     assert explicit.defaults_note is None
@@ -142,11 +147,19 @@ def test_cpu_defaults_are_small_and_announced():
     (["--checkpoint", "/nonexistent/weights.pth"], "checkpoint file not found"),
     (["--providers", "eager,dla_fast_graph", "--train"], "CUDA-graph replay is for inference"),
     (["--providers", "eager_graph"], "on a CUDA GPU (the device is cpu)"),
+    (["--train", "--size", "32"], "--train with --batch 1 --size 32: BatchNorm in training needs more than one value "
+                                  "per channel, and the last level (stride 32) is 1x1 at this size"),
+    (["--json", "."], "--json .: is a folder; give a file name"),
+    (["--json", os.path.join(ROOT, "README.md", "bench.json")], "README.md is a file, not a folder"),
+    (["--checkpoint", ROOT], "checkpoint path is a directory"),
+    (["--checkpoint", os.path.join(ROOT, "README.md")], "is not a checkpoint: it is a text file starting with"),
 ])
 def test_bad_options_exit_2_with_a_clear_message(args, message, capsys):
     assert main(["bench", *TINY, *args]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith(build_parser().prog + " bench: error: "), err
+    assert "| model" not in out  # refused before running anything
     if "unknown model" in message:
         assert "Known models" in err and "dla34" in err
 
@@ -183,3 +196,65 @@ def test_bench_on_the_gpu(tmp_path, capsys):
             assert record["extra"]["peak_mem_kind"] == "torch.cuda.max_memory_allocated"
             assert record["extra"]["peak_mem_mb"] > 0
     assert "train step" in capsys.readouterr().out
+
+
+def _can_create_files_in(folder):
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys") or _can_create_files_in("/sys"),
+                    reason="needs a folder where files cannot be created, even by root (/sys)")
+def test_json_in_a_folder_without_write_access_exits_2_before_running(capsys):
+    assert main(["bench", *TINY, "--json", "/sys/bench.json"]) == 2
+    out, err = capsys.readouterr()
+    assert "--json /sys/bench.json: cannot create files in /sys" in err and "| model" not in out
+
+
+def test_checkpoint_that_does_not_fit_is_one_error_line_with_the_fix(tmp_path, capsys):
+    path = tmp_path / "ten_classes.pth"
+    torch.save(dla_fast.create_model("dla46_c", num_classes=10).state_dict(), path)
+    assert main(["bench", *TINY, "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "create_model('dla46_c', num_classes=10)" in err
+    assert "Differences: fc.weight: checkpoint (10, 256, 1, 1) vs model (1000, 256, 1, 1); fc.bias" in err
+
+
+@pytest.fixture
+def canned_run(inference_run, monkeypatch):
+    """Replace the timed run by the records of `inference_run` (or by `fail`, an exception to raise)."""
+    record = bench.BenchRecord.from_dict(inference_run[1])
+    state = {"fail": None}
+
+    def run_benchmarks(config, providers):
+        if state["fail"] is not None:
+            raise state["fail"]
+        return [record]
+
+    monkeypatch.setattr(bench, "run_benchmarks", run_benchmarks)
+    return state
+
+
+def test_records_that_cannot_be_written_at_the_end_keep_the_table(canned_run, tmp_path, monkeypatch, capsys):
+    def disk_full(path, records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "write_records", disk_full)
+    assert main(["bench", *TINY, "--no-progress", "--json", str(tmp_path / "out.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "| dla46_c |" in out and "No space left on device" in err and "table above holds the results" in err
+
+
+@pytest.mark.parametrize("failure, status, message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2,
+     "error: out of memory at --batch 1 --size 64 (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller"),
+    (KeyboardInterrupt(), 130, "bench: interrupted"),
+])
+def test_out_of_memory_and_interrupt_end_without_traceback(canned_run, failure, status, message, capsys):
+    canned_run["fail"] = failure
+    assert main(["bench", *TINY, "--no-progress"]) == status
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1

@@ -15,6 +15,12 @@ class UsageError(Exception):
     """A bad command-line value: printed as one clear message, without a traceback, exit status 2."""
 
 
+def one_line(message: str) -> str:
+    """A possibly multi-line message on one line: the first line, then the others joined by '; '."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return " ".join(lines[:1] + ["; ".join(lines[1:])] if len(lines) > 1 else lines)
+
+
 def _program_name() -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return "python -m dla_fast" if name in ("", "__main__.py", "-c") else name
@@ -42,5 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.handler(args)
     except UsageError as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130

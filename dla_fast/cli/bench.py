@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import os
 import sys
+import tempfile
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -27,7 +29,7 @@ from .records import BenchRecord, device_name, make_record, markdown_table, writ
 from .timing import PeakMemory, Timing, time_iterations
 
 AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Defaults per device type; the CPU ones keep a dla34 training run under a minute on 2 cores.
+# Defaults per device type; the CPU ones keep a run short on 2 cores (2 + 10 steps of 2 images per provider).
 DEFAULTS = {
     "cuda": dict(batch=32, size=224, warmup=10, iters=50),
     "cpu": dict(batch=2, size=224, warmup=2, iters=10),
@@ -97,7 +99,7 @@ PROVIDERS: Dict[str, Provider] = {
 }
 GRAPH_PROVIDERS = ("eager_graph", "dla_fast_graph")
 DEFAULT_PROVIDERS = {"cuda": "eager,dla_fast,eager_graph,dla_fast_graph", "cuda_train": "eager,dla_fast",
-                     "cpu": "eager"}
+                     "cpu": "eager,dla_fast"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", help="comma-separated ways to run the model, from: "
                         f"{', '.join(PROVIDERS)} (default: {DEFAULT_PROVIDERS['cuda']} on GPU, "
                         f"{DEFAULT_PROVIDERS['cuda_train']} with --train; {DEFAULT_PROVIDERS['cpu']} on CPU, "
-                        "where the fused kernels do not run)")
+                        "where dla_fast runs the eager reference of its fused ops)")
     parser.add_argument("--backend", choices=dla_fast.backend.BACKENDS, default="auto",
                         help="dla_fast backend for the dla_fast providers (default auto)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
@@ -210,6 +212,28 @@ def _positive(value: int, option: str, minimum: int = 1) -> int:
     return value
 
 
+def check_output_path(path: str, option: str) -> None:
+    """UsageError unless a file can be written at `path` (missing folders are created when writing): checked
+    before a run, so that the results are not lost at its end."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder; give a file name, e.g. {os.path.join(path, 'bench.json')}")
+    if os.path.exists(path):
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            raise UsageError(f"{option} {path}: the file cannot be written ({e.strerror})") from None
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot create files in {folder} ({e.strerror})") from None
+
+
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
     """Validate the options and fill in the per-device defaults; UsageError on a bad value."""
     if args.model not in dla_fast.list_models():
@@ -230,6 +254,10 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         lower, upper = size // DLA_STRIDE * DLA_STRIDE, -(-size // DLA_STRIDE) * DLA_STRIDE
         raise UsageError(f"--size {size}: DLA needs image sides divisible by {DLA_STRIDE} (its total stride); "
                          f"try {lower} or {upper}")
+    if args.train and values["batch"] * (size // DLA_STRIDE) ** 2 == 1:
+        raise UsageError(f"--train with --batch 1 --size {size}: BatchNorm in training needs more than one value per "
+                         f"channel, and the last level (stride {DLA_STRIDE}) is 1x1 at this size; use --batch 2 or "
+                         f"more, or --size {2 * DLA_STRIDE} or more")
     _check_dtype(args.dtype, device)
     default = DEFAULT_PROVIDERS["cuda_train" if device.type == "cuda" and args.train else device.type]
     providers = tuple(p for p in (args.providers or default).split(",") if p)
@@ -245,6 +273,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         reason = dla_fast.backend.unavailable_reason(args.backend, device)
         if reason:
             raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
+    if args.json:
+        check_output_path(args.json, "--json")
     note = None
     if device.type == "cpu" and taken:
         why = "no CUDA GPU found" if args.device is None else "--device cpu"
@@ -256,12 +286,16 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def build_model(config: BenchConfig) -> nn.Module:
-    """The eager model on the CPU, random or from `--checkpoint`; UsageError when the file does not fit."""
-    model = dla_fast.create_model(config.model)
+    """The eager model on the CPU, random or from `--checkpoint`; UsageError when it cannot be built or the file
+    cannot be read or does not fit."""
+    try:
+        model = dla_fast.create_model(config.model)
+    except ImportError as e:  # e.g. the deformable convs of CenterNet need torchvision
+        raise UsageError(f"--model {config.model}: {e}") from None
     if config.checkpoint:
         try:
             dla_fast.load_checkpoint(model, config.checkpoint)
-        except (OSError, RuntimeError, dla_fast.CheckpointMismatch) as e:
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
             raise UsageError(f"--checkpoint {config.checkpoint}: {e}") from None
     return model
 
@@ -325,7 +359,8 @@ def _progress_bar(config: BenchConfig, label: str):
 
     bar = tqdm(total=config.warmup + config.iters, desc=label, unit="step", leave=False, file=sys.stderr,
                disable=not config.progress)
-    phase_shown = []
+    phase_shown = ["warm-up" if config.warmup else "timed"]
+    bar.set_postfix_str(phase_shown[0])  # shown during the first call too, which may compile kernels
 
     def on_step(phase: str) -> None:
         if phase_shown[-1:] != [phase]:
@@ -409,12 +444,25 @@ def run(args: argparse.Namespace) -> int:
     if config.defaults_note:
         print(f"note: {config.defaults_note}")
     providers = [PROVIDERS[name] for name in config.providers]
-    with dla_fast.use_backend(config.backend):
-        records = run_benchmarks(config, providers)
+    try:
+        with dla_fast.use_backend(config.backend):
+            records = run_benchmarks(config, providers)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise UsageError(f"out of {'GPU ' if config.device.type == 'cuda' else ''}memory at --batch {config.batch} "
+                         f"--size {config.size} ({_first_line(e)}); try a smaller --batch or --size") from None
     print(format_table(records))
     for line in _footnotes(records, config, providers):
         print(line)
     if args.json:
-        write_records(args.json, records)
+        try:
+            write_records(args.json, records)
+        except OSError as e:
+            raise UsageError(f"--json {args.json}: could not write the records ({e}); the table above holds "
+                             "the results") from None
         print(f"wrote {len(records)} record(s) to {args.json}")
     return 0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
