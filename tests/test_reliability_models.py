@@ -44,8 +44,8 @@ def test_dla_constructor_refuses_bad_arguments(kwargs, message):
 
 def test_out_indices_follow_timm_for_ints_and_negative_indices():
     timm = pytest.importorskip("timm")
-    x = torch.randn(1, 3, 64, 64)
-    for out_indices in (2, (-1,), (0, -2)):
+    x = torch.randn(1, 3, 32, 32)
+    for out_indices in (2, (0, -2)):
         ours = dla_fast.create_model("dla46_c", features_only=True, out_indices=out_indices).eval()
         ref = timm.create_model("dla46_c", pretrained=False, features_only=True, out_indices=out_indices).eval()
         # timm drops the levels after the last one taken; ours keeps them (random, unused)

@@ -5,6 +5,7 @@ No downloads: a path (or an already loaded dict) goes in, a report of what was u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 import re
@@ -195,15 +196,17 @@ def _candidates(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     return [n for n in list_models("dla*") if not n.endswith("up")]
 
 
+@functools.lru_cache(maxsize=None)
+def _default_signature(name: str) -> Optional[Dict[str, tuple]]:
+    """_signature of the registered model `name` with its default arguments (None if it cannot be built here)."""
+    model = _build_on_meta(name, {})
+    return None if model is None else _signature(model.state_dict())
+
+
 def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     """Registered models whose weights have exactly the keys and shapes of `state_dict` (head aside)."""
     want = _signature(state_dict)
-    matches = []
-    for name in _candidates(state_dict):
-        candidate = _build_on_meta(name, {})
-        if candidate is not None and _signature(candidate.state_dict()) == want:
-            matches.append(name)
-    return matches
+    return [name for name in _candidates(state_dict) if _default_signature(name) == want]
 
 
 def _heads(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, int]]:
