@@ -3,6 +3,8 @@ that are no checkpoint, checkpoints that do not fit (with the create_model call 
 import argparse
 import io
 import pickle
+import sys
+import types
 import warnings
 import zipfile
 
@@ -159,6 +161,17 @@ def test_weights_only_hint_only_where_it_works(tmp_path):
     report = dla_fast.load_checkpoint(dla_fast.create_model("dla46_c"), tmp_path / "module.pth", weights_only=False,
                                       verbose=False)
     assert report.missing == [] and len(report.loaded) == len(src.state_dict())
+    # ... unless its classes cannot be imported here
+    gone = types.ModuleType("gone_training_code")
+    exec("class Trainer:\n    pass", gone.__dict__)
+    sys.modules["gone_training_code"] = gone
+    try:
+        torch.save({"trainer": gone.Trainer(), "state_dict": src.state_dict()}, tmp_path / "gone.pth")
+    finally:
+        del sys.modules["gone_training_code"]
+    with pytest.raises(UnreadableCheckpoint, match=r"gone.pth pickles Python objects whose classes cannot be imported "
+                                                   r"here \(No module named 'gone_training_code'\)"):
+        dla_fast.load_checkpoint(dla_fast.create_model("dla46_c"), tmp_path / "gone.pth", weights_only=False)
 
 
 def test_safetensors_and_torch_files_are_told_apart_by_content(tmp_path):

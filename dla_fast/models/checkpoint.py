@@ -143,6 +143,10 @@ def _read(path: Union[str, os.PathLike], weights_only: bool) -> Mapping:
             f"{path} is a torch.save checkpoint that holds Python objects besides tensors{what}, which "
             "weights_only=True refuses to unpickle. If you trust the file, pass weights_only=False (unpickling can "
             "run code), or allow those classes with torch.serialization.add_safe_globals.") from e
+    except (ImportError, AttributeError) as e:  # weights_only=False: a pickled class that is not importable here
+        raise UnreadableCheckpoint(f"{path} pickles Python objects whose classes cannot be imported here "
+                                   f"({_first_line(e)}): it was saved from another code base (torch.save(model), "
+                                   "say); save model.state_dict() there and load that file") from e
     except Exception as e:  # torch reports a damaged archive as RuntimeError, a truncated pickle as EOFError, ...
         raise UnreadableCheckpoint(f"{path} looks like a torch.save checkpoint, but torch.load could not read it "
                                    f"({type(e).__name__}: {_first_line(e)}); the file may be damaged or truncated") from e
