@@ -121,7 +121,8 @@ def _write_not_checkpoints(folder):
         "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 87319819\n",
                     "Git LFS pointer"),
         "truncated.pth": (_torch_zip_bytes()[:300], "damaged or truncated zip archive"),
-        "plain.pkl": (pickle.dumps({"weight": [1.0, 2.0]}, protocol=4), "a Python pickle that torch.save did not write"),
+        "plain.pkl": (pickle.dumps({"weight": [1.0, 2.0]}, protocol=4),
+                      "a Python pickle that torch.save did not write"),
         "bad.safetensors": (b"\x00\x01garbage" * 3, "is not a safetensors file"),
     }
     out = {}
@@ -211,7 +212,8 @@ def test_other_classifier_size_says_num_classes():
     sd = dla_fast.create_model("dla46_c", num_classes=10).state_dict()
     message = _mismatch(dla_fast.create_model("dla46_c"), sd)
     assert "the checkpoint's classifier has 10 classes and the model's 1000" in message
-    assert "dla_fast.create_model('dla46_c', num_classes=10)" in message and "num_classes=0 loads the backbone" in message
+    assert "dla_fast.create_model('dla46_c', num_classes=10)" in message
+    assert "num_classes=0 loads the backbone" in message
     assert "looks like" not in message and "fc.weight: checkpoint (10, 256, 1, 1) vs model (1000, 256, 1, 1)" in message
     _loads(dict(num_classes=10), "dla46_c", sd)
     _loads(dict(num_classes=0), "dla46_c", sd)
@@ -228,6 +230,9 @@ def test_other_input_channels_say_in_chans():
     message = _mismatch(dla_fast.create_model("dla46_c"), sd)
     assert "takes 1 input channels and the model 3" in message and "create_model('dla46_c', in_chans=1)" in message
     _loads(dict(in_chans=1), "dla46_c", sd)
+    # a backbone without classifier keeps being one in the suggested call (the file's classifier is ignored)
+    message = _mismatch(dla_fast.create_model("dla46_c", features_only=True), sd)
+    assert "classes" not in message and "create_model('dla46_c', in_chans=1, features_only=True)" in message
 
 
 def test_another_variant_with_other_classes_gives_the_full_call():

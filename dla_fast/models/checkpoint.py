@@ -149,7 +149,8 @@ def _read(path: Union[str, os.PathLike], weights_only: bool) -> Mapping:
                                    "say); save model.state_dict() there and load that file") from e
     except Exception as e:  # torch reports a damaged archive as RuntimeError, a truncated pickle as EOFError, ...
         raise UnreadableCheckpoint(f"{path} looks like a torch.save checkpoint, but torch.load could not read it "
-                                   f"({type(e).__name__}: {_first_line(e)}); the file may be damaged or truncated") from e
+                                   f"({type(e).__name__}: {_first_line(e)}); the file may be damaged or "
+                                   "truncated") from e
 
 
 def _first_line(error: BaseException) -> str:
@@ -267,7 +268,7 @@ def _reasons(theirs: Mapping[str, object], ours: Mapping[str, object]) -> List[s
     if "heads" in differ or "head_conv" in differ:
         reasons.append(f"the checkpoint's heads are {theirs['heads']} (head_conv {theirs.get('head_conv', 'mixed')}) "
                        f"and the model's {ours['heads']} (head_conv {ours.get('head_conv', 'mixed')})")
-    if "num_classes" in differ:
+    if "num_classes" in differ and ours["num_classes"] != 0:
         reasons.append("the checkpoint has no classifier (no fc.weight) and the model has one" if theirs["num_classes"]
                        == 0 else f"the checkpoint's classifier has {theirs['num_classes']} classes and the model's "
                        f"{ours['num_classes']}")
@@ -338,6 +339,12 @@ def _mismatch_error(problems: List[str], state_dict: Mapping[str, torch.Tensor],
         ours = _arguments(own) if name == model_name else defaults
         # the arguments that differ from the defaults, and those the user set otherwise (dcn=False -> dcn=True)
         changes = {k: v for k, v in theirs.items() if k in defaults and v != defaults[k] or k in ours and v != ours[k]}
+        if name == model_name and ours.get("num_classes") == 0:  # a model without classifier ignores the file's
+            changes.pop("num_classes", None)
+            if getattr(model, "features_only", False):
+                changes["features_only"] = True
+            else:
+                changes["num_classes"] = 0
         candidate = _build_on_meta(name, changes)
         if candidate is not None and not _compare(state_dict, candidate.state_dict(), strict=True)[0]:
             reasons += _reasons(theirs, ours) if name == model_name else []
