@@ -44,6 +44,13 @@ def test_dla_constructor_refuses_bad_arguments(kwargs, message):
         dla_fast.create_model("dla34", **kwargs)
 
 
+def test_model_names_are_checked():
+    with pytest.raises(TypeError, match="the model name must be a str such as 'dla34'; got None"):
+        dla_fast.create_model(None)
+    with pytest.raises(ValueError, match="unknown model 'DLA34'. Did you mean dla34"):
+        dla_fast.create_model("DLA34")
+
+
 def test_out_indices_follow_timm_for_ints_and_negative_indices():
     timm = pytest.importorskip("timm")
     x = torch.randn(1, 3, 32, 32)

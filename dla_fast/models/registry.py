@@ -27,10 +27,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model with random weights.
 
     Backbones take `num_classes`, `in_chans`, `features_only`, `out_indices` (see `dla_fast.models.DLA`).
-    Unknown names raise ValueError with the list of known ones.
+    Unknown names raise ValueError with the list of known ones (and the closest, whatever their case).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"create_model: the model name must be a str such as 'dla34'; got {name!r}")
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=3)
+        close = difflib.get_close_matches(name.strip().lower(), list(_MODELS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
     return _MODELS[name](**kwargs)
