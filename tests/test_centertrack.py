@@ -51,7 +51,8 @@ def _tree1(prefix, c_in, c_out, root_in):
 def _dla34_base_keys():
     """CenterTrack's `base` of DLA-34 (its dla.py DLA with opt.pre_img and opt.pre_hm), without the keys that
     only its checkpoints carry (`base.fc.*`, the unused projections of the levels-2 trees: `_extras`)."""
-    keys = _conv_bn("base.base_layer", 16, 3, 7) + _conv_bn("base.level0", 16, 16, 3) + _conv_bn("base.level1", 32, 16, 3)
+    keys = _conv_bn("base.base_layer", 16, 3, 7) + _conv_bn("base.level0", 16, 16, 3)
+    keys += _conv_bn("base.level1", 32, 16, 3)
     keys += _tree1("base.level2", 32, 64, 128)
     keys += _tree1("base.level3.tree1", 64, 128, 256) + _tree1("base.level3.tree2", 128, 128, 448)  # + bottom, x1
     keys += _tree1("base.level4.tree1", 128, 256, 512) + _tree1("base.level4.tree2", 256, 256, 896)
@@ -125,6 +126,15 @@ def test_centertrack_checkpoint_loads_strictly(tmp_path):
         dla_fast.load_checkpoint(without_hm_branch, path)
 
 
+def test_a_centertrack_checkpoint_given_to_centernet_is_recognised():
+    with torch.device("meta"):
+        state_dict = dla_fast.create_model("centertrack_dla34").state_dict()
+        detector = dla_fast.create_model("centernet_dla34")
+    with pytest.raises(dla_fast.CheckpointMismatch,
+                       match=r"(?s)looks like centertrack_dla34\..*unexpected key base\.pre_img_layer\.0\.weight"):
+        dla_fast.load_checkpoint(detector, state_dict)
+
+
 def test_initialisation_and_registry_follow_centertrack():
     model = dla_fast.create_model("centertrack_dla34", head_conv=8)
     assert isinstance(model, CenterNet) and model.variant == "centertrack_dla34"
@@ -155,9 +165,11 @@ def test_initialisation_and_registry_follow_centertrack():
 
 @pytest.fixture(scope="module")
 def tracker():
-    """centertrack_dla34 with narrow heads, random BatchNorm statistics, in fp32."""
+    """centertrack_dla34 with narrow heads, random BatchNorm statistics, in fp32. Plain 3x3 IDA convs (dcn=False):
+    the branches do not depend on the IDA conv type, and torchvision's deformable conv backward is slow on CPU (the
+    deformable layout is the checkpoint test's, its numbers test_centernet.py's)."""
     torch.manual_seed(1)
-    return randomize_bn(dla_fast.create_model("centertrack_dla34", heads=HEADS, head_conv=8, dcn=True))
+    return randomize_bn(dla_fast.create_model("centertrack_dla34", heads=HEADS, head_conv=8, dcn=False))
 
 
 def _inputs(batch=2, size=64):
@@ -168,7 +180,7 @@ def _inputs(batch=2, size=64):
 @pytest.fixture(scope="module")
 def centernet():
     """A CenterNet model of the tracker's shape, for the weights that are not the branches'."""
-    return dla_fast.create_model("centernet_dla34", heads=HEADS, head_conv=8, dcn=True)
+    return dla_fast.create_model("centernet_dla34", heads=HEADS, head_conv=8, dcn=False)
 
 
 def _split(tracker, centernet):
@@ -296,7 +308,7 @@ def test_accelerated_model_equals_the_original(tracker, training):
     assert {"base.base_layer", "base.pre_img_layer", "base.pre_hm_layer"} <= set(swapped)
     assert isinstance(fused.base.pre_img_layer, folded_module.FoldedConvBNStack)
     assert fused.state_dict().keys() == ref.state_dict().keys()
-    for given in PREVIOUS:
+    for given in PREVIOUS[:2] if training else PREVIOUS:
         data = _inputs()
         with dla_fast.use_backend("torch"), torch.set_grad_enabled(training):
             outs, ref_outs = _run(fused, data, given), _run(ref, data, given)
@@ -313,7 +325,7 @@ def test_accelerated_model_equals_the_original(tracker, training):
         else:
             assert p.grad is None and ref_params[name].grad is None, name
     ref_buffers = dict(ref.named_buffers())
-    for name, buf in fused.named_buffers():  # after three training steps: the same BatchNorm statistics
+    for name, buf in fused.named_buffers():  # after the training steps: the same BatchNorm statistics
         if buf.dtype.is_floating_point:
             assert_close(buf, ref_buffers[name], 1e-5, name)
         else:

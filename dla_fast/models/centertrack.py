@@ -18,7 +18,8 @@ State-dict keys equal CenterTrack's: `base.*` with `base.pre_img_layer.{0,1}.*` 
 `dla_up.*`, `ida_up.*`, `<head>.0|2.*`; its checkpoints ({"epoch", "state_dict"}) load strictly through
 `dla_fast.load_checkpoint`, which reports their unused `base.fc.*` and `base.level*.project.*` as ignored.
 `dcn=True` is CenterTrack's default `--dla_node dcn`; `dcn=False` is FairMOT's plain 3x3 conv layout, not
-CenterTrack's `--dla_node conv` (a 1x1 conv). CenterTrack's `--num_head_conv` > 1 (deeper heads) is not built.
+CenterTrack's `--dla_node conv` (a 1x1 conv). Not built: CenterTrack's non-default `--num_head_conv` > 1 (deeper
+heads) and `--head_kernel` other than 3.
 
 Registered as `centertrack_<variant>` for every backbone of `dla_fast.models.VARIANTS` (the branches only need
 channels[0]; CenterTrack itself ships dla34).
@@ -131,7 +132,7 @@ class CenterTrack(CenterNet):
                  dcn: bool = True, pre_img: bool = True, pre_hm: bool = True, down_ratio: int = 4,
                  in_chans: int = 3, prior_bias: float = PRIOR_BIAS):
         # Read by build_backbone, which CenterNet.__init__ calls (plain attributes may precede Module.__init__).
-        self.pre_img, self.pre_hm = bool(pre_img), bool(pre_hm)
+        self.takes_pre_img, self.takes_pre_hm = bool(pre_img), bool(pre_hm)
         super().__init__(variant, TRACKING_HEADS if heads is None else heads, head_conv, dcn, down_ratio, in_chans)
         self.variant = f"centertrack_{variant}"
         with torch.no_grad():
@@ -142,8 +143,8 @@ class CenterTrack(CenterNet):
 
     def build_backbone(self, variant: str, in_chans: int) -> CenterTrackDLA:
         levels, channels, block, extra = VARIANTS[variant]
-        base = CenterTrackDLA(levels, channels, block, pre_img=self.pre_img, pre_hm=self.pre_hm, in_chans=in_chans,
-                              features_only=True, out_indices=tuple(range(6)), **extra)
+        base = CenterTrackDLA(levels, channels, block, pre_img=self.takes_pre_img, pre_hm=self.takes_pre_hm,
+                              in_chans=in_chans, features_only=True, out_indices=tuple(range(6)), **extra)
         base.variant = variant
         return base
 
@@ -153,8 +154,9 @@ class CenterTrack(CenterNet):
 
 
 def _register_centertrack(variant: str) -> None:
-    def build(heads: Optional[Mapping[str, int]] = None, head_conv: int = 256, dcn: bool = True, pre_img: bool = True,
-              pre_hm: bool = True, down_ratio: int = 4, in_chans: int = 3, prior_bias: float = PRIOR_BIAS) -> CenterTrack:
+    def build(heads: Optional[Mapping[str, int]] = None, head_conv: int = 256, dcn: bool = True,
+              pre_img: bool = True, pre_hm: bool = True, down_ratio: int = 4, in_chans: int = 3,
+              prior_bias: float = PRIOR_BIAS) -> CenterTrack:
         return CenterTrack(variant, heads, head_conv, dcn, pre_img, pre_hm, down_ratio, in_chans, prior_bias)
 
     build.__name__ = build.__qualname__ = f"centertrack_{variant}"
