@@ -240,7 +240,7 @@ class CenterNet(nn.Module):
         self.variant = f"centernet_{variant}"
         self.first_level = int(math.log2(down_ratio))
         self.down_ratio = down_ratio
-        self.base = build_dla(variant, features_only=True, out_indices=tuple(range(6)), in_chans=in_chans)
+        self.base = self.build_backbone(variant, in_chans)
         channels = self.base.channels[self.first_level:]
         self.dla_up = DLAUpAdd(channels, [2 ** i for i in range(len(channels))], deformable=dcn)
         merged = LAST_LEVEL - self.first_level
@@ -253,9 +253,16 @@ class CenterNet(nn.Module):
             setattr(self, name, _head(channels[0], classes, head_conv, heatmap="hm" in name))
             self.heads[name] = classes
 
+    def build_backbone(self, variant: str, in_chans: int) -> nn.Module:
+        """The backbone `base`, returning the outputs of levels 0..5 (CenterTrack's subclass adds branches)."""
+        return build_dla(variant, features_only=True, out_indices=tuple(range(6)), in_chans=in_chans)
+
     def forward(self, x: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
-        levels = self.base(x)[self.first_level:]
-        pyramid = self.dla_up(levels)
+        return self.forward_from_levels(self.base(x))
+
+    def forward_from_levels(self, levels: Sequence[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        """The up path and the heads on the backbone's outputs of levels 0..5 (what `forward` returns)."""
+        pyramid = self.dla_up(levels[self.first_level:])
         features = self.ida_up(pyramid[:LAST_LEVEL - self.first_level])[-1]
         return [{name: getattr(self, name)(features) for name in self.heads}]
 

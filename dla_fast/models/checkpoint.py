@@ -1,4 +1,4 @@
-"""Load local checkpoints from timm, the original ucbdrive code, CenterNet or a training loop.
+"""Load local checkpoints from timm, the original ucbdrive code, CenterNet, CenterTrack or a training loop.
 
 No downloads: a path (or an already loaded dict) goes in, a report of what was used comes out.
 """
@@ -192,8 +192,10 @@ def _signature(sd: Mapping[str, torch.Tensor]) -> Dict[str, tuple]:
 
 
 def _candidates(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
-    """Registered models of the same family (backbone, DLA-Up, CenterNet) as a state dict's keys."""
+    """Registered models of the same family (backbone, DLA-Up, CenterNet, CenterTrack) as a state dict's keys."""
     keys = list(state_dict)
+    if any(k.startswith(("base.pre_img_layer.", "base.pre_hm_layer.", "tracking.")) for k in keys):
+        return list_models("centertrack_*")
     if any(k.startswith("ida_up.") for k in keys):
         return list_models("centernet_*")
     if any(k.startswith("dla_up.") for k in keys):
