@@ -175,7 +175,7 @@ def conv_bias_act_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 @conv_bias_act_op.register_fake
 def _conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    return x.new_empty(_output_shape(x, weight, stride, padding, dilation), dtype=weight.dtype,
+    return torch.empty(_output_shape(x, weight, stride, padding, dilation), dtype=weight.dtype, device=x.device,
                        memory_format=output_memory_format(x, weight))
 
 
