@@ -140,8 +140,8 @@ def test_cpu_defaults_are_small_and_announced():
     (["--size", "0"], "--size must be at least 32"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--checkpoint", "/nonexistent/weights.pth"], "checkpoint file not found"),
-    (["--providers", "eager,dla_fast_graph", "--train"], "CUDA-graph replay is for inference"),
-    (["--providers", "eager_graph"], "on a CUDA GPU (the device is cpu)"),
+    (["--providers", "eager,dla_fast_graph", "--train"], "CUDA-graph replay needs a CUDA GPU (the device is cpu)"),
+    (["--providers", "eager_graph"], "needs a CUDA GPU (the device is cpu)"),
 ])
 def test_bad_options_exit_2_with_a_clear_message(args, message, capsys):
     assert main(["bench", *TINY, *args]) == 2
@@ -183,3 +183,17 @@ def test_bench_on_the_gpu(tmp_path, capsys):
             assert record["extra"]["peak_mem_kind"] == "torch.cuda.max_memory_allocated"
             assert record["extra"]["peak_mem_mb"] > 0
     assert "train step" in capsys.readouterr().out
+
+
+def test_compile_providers_compile_the_right_model_with_their_mode(monkeypatch):
+    """dla_fast_compile(_graph) compile the accelerated model, compile(_graph) the eager one, *_graph with
+    mode="reduce-overhead" (torch.compile is recorded, not run: tests/test_compile.py compiles the accelerated
+    models; the training rows run the same prepared module through bench's training step)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs.get("mode")) or model)
+    config = bench.resolve_config(build_parser().parse_args(["bench", *TINY, "--train"]))
+    for name, mode, accelerated in (("compile", None, False), ("compile_graph", "reduce-overhead", False),
+                                    ("dla_fast_compile", None, True),
+                                    ("dla_fast_compile_graph", "reduce-overhead", True)):
+        prepared = bench.PROVIDERS[name].prepare(dla_fast.create_model("dla46_c"), config)
+        assert calls.pop() == mode and bool(dla_fast.accelerated_modules(prepared)) == accelerated, name
