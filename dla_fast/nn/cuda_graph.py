@@ -211,7 +211,7 @@ class CUDAGraphTraining(nn.Module):
         model = self.model
         with torch.cuda.device(x.device), autocast:
             torch.cuda.make_graphed_callables(model, (x.detach().clone().requires_grad_(x.requires_grad),),
-                                              num_warmup_iters=self.warmup)
+                                              num_warmup_iters=self.warmup, allow_unused_input=True)
         graphed = model.__dict__.pop("forward")  # the graphed forward; the model keeps its own forward
         with torch.no_grad():
             for b, saved in zip(buffers, before):  # undo the warm-up steps' running-statistics updates
