@@ -26,10 +26,14 @@ def test_cached_derived_is_bypassed_where_it_could_go_stale():
     leaf = torch.randn(4, requires_grad=True)
     made = [cached_derived(leaf, "k", lambda: leaf * 2) for _ in range(2)]
     assert made[0] is not made[1] and made[0].requires_grad  # grad mode: part of the autograd graph, never cached
+    weight = torch.randn(4)
     with torch.inference_mode():
+        made_in_inference_mode = cached_derived(weight, "k", lambda: weight * 2)
         inference = torch.randn(4)
         assert cached_derived(inference, "k", lambda: inference + 1) is not cached_derived(inference, "k",
                                                                                                lambda: inference + 1)
+    assert not made_in_inference_mode.is_inference()  # usable later by a training call (saved for backward)
+    assert cached_derived(weight, "k", lambda: weight * 2) is made_in_inference_mode
 
 
 @pytest.mark.interpreter

@@ -88,7 +88,8 @@ def cached_derived(source: torch.Tensor, key, make: Callable[[], torch.Tensor]) 
     counter), moved, or was freed. Not cached (made every call) while torch.compile traces, while a CUDA graph
     is being captured (the graph must compute it, so that replays see later weight updates), for inference
     tensors (no version counter), or for a source that requires grad while grad mode is on (the result must
-    stay in the autograd graph). Like PyTorch's own caches, it cannot see edits through `tensor.data`."""
+    stay in the autograd graph). Made under inference_mode, the cached tensor is still a normal tensor. Like
+    PyTorch's own caches, it cannot see edits through `tensor.data`."""
     if (torch.compiler.is_compiling() or source.is_inference() or (source.requires_grad and torch.is_grad_enabled())
             or (source.is_cuda and torch.cuda.is_current_stream_capturing())):
         return make()
@@ -98,5 +99,7 @@ def cached_derived(source: torch.Tensor, key, make: Callable[[], torch.Tensor]) 
         entries = _DERIVED[source] = {}
     hit = entries.get(key)
     if hit is None or hit[0] != stamp:
-        hit = entries[key] = (stamp, make())
+        with torch.inference_mode(False):  # a normal tensor even when made under inference_mode: later
+            value = make()                 # training calls may save it for backward
+        hit = entries[key] = (stamp, value)
     return hit[1]
