@@ -19,7 +19,7 @@ import dla_fast
 from dla_fast.cli.bench import training_loss
 from dla_fast.ops.conv_bn_act import conv_bias_act_op
 
-from helpers import assert_close, randomize_bn
+from helpers import assert_close, randomize_bn, rel_err
 
 pytestmark = pytest.mark.interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -190,9 +190,11 @@ def test_gpu_compiled_folded_conv_keeps_the_cudnn_fused_call(monkeypatch):
     with torch.no_grad():
         out = compiled(x)
         fused_calls = len(calls)
-        ref = eager(x)
+        eager_out = eager(x)
+        ref64 = copy.deepcopy(eager).cpu().double()(x.cpu().double())  # backend auto on CPU: the eager reference
     assert fused_calls > 0
-    assert_close(out, ref, 1e-4, "inductor output")
+    # a deep BatchNorm network in fp32 is ill-conditioned: within 2x eager fp32's own error against fp64 (GUIDE)
+    assert rel_err(out.cpu(), ref64) <= 2 * rel_err(eager_out.cpu(), ref64)
 
 
 @pytest.mark.cuda
