@@ -123,7 +123,7 @@ def main() -> None:
     cases = make_cases(device)
     print(f"device {device}, torch {torch.__version__}, Triton launches {'stubbed' if stubbed else 'real'}, "
           f"{args.calls} calls x 5 repeats, median per call")
-    print(f"| case | dla_fast us/call | eager torch us/call |\n|---|---:|---:|")
+    print("| case | dla_fast us/call | eager torch us/call |\n|---|---:|---:|")
     with dla_fast.use_backend("triton"):
         for name, (fused, eager) in cases.items():
             print(f"| {name} | {per_call_us(fused, args.calls, device):.1f} | "
