@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #   stages: info build bench-aggregate test bench-ida bench-bn bench-upsample bench-models
 #           bench-aggregate-compile (default: all, in that order: most needed first);
-#           also bench-training, bench-centernet, test-changed (the GPU tests of the folding, graph and CLI files only)
+#           also bench-training, bench-centernet, test-changed (the GPU tests of the folding, graph and CLI files only),
+#           test-compile (GPU tests of torch.compile / CUDAGraphTraining), bench-compile (compile and captured-step rows)
 # Commit the JSON under benchmarks/results/<gpu>/ and make the tables with benchmarks/report.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,6 +56,22 @@ for stage in "${STAGES[@]}"; do
     bench-centernet) run_stage bench-centernet 200 $PY -m dla_fast bench --model centernet_dla34 --dtype bf16 \
           --channels-last --no-progress --batch 16 --size 512 \
           --providers eager,compile,dla_fast,eager_graph,dla_fast_graph --json $OUT/models_centernet_inference_b16.json ;;
+    test-compile) run_stage test-compile 300 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
+          tests/test_compile.py tests/test_cuda_graph_training.py tests/test_host_caches.py ;;
+    bench-compile) run_stage bench-compile 540 bash -c "B='$PY -m dla_fast bench --dtype bf16 --channels-last \
+          --no-progress'; \
+          \$B --model dla34 --batch 256 --providers compile,dla_fast_compile --json $OUT/compile_inference_b256.json; \
+          \$B --model dla34 --batch 256 --train --providers eager,compile,dla_fast,dla_fast_compile \
+          --json $OUT/compile_training_b256.json; \
+          \$B --model dla34 --batch 32 --providers compile_graph,dla_fast_compile_graph,dla_fast_graph \
+          --json $OUT/compile_graph_inference_b32.json; \
+          \$B --model dla34 --batch 1 --providers compile_graph,dla_fast_compile_graph,dla_fast_graph \
+          --json $OUT/compile_graph_inference_b1.json; \
+          \$B --model centernet_dla34 --size 512 --batch 16 --providers compile,dla_fast_compile \
+          --json $OUT/compile_centernet_inference_b16.json; \
+          \$B --model centernet_dla34 --size 512 --batch 16 --train \
+          --providers eager,compile,dla_fast,dla_fast_compile,eager_graph,dla_fast_graph \
+          --json $OUT/compile_centernet_training_b16.json" ;;
     test-changed) run_stage test-changed 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
           tests/test_folded.py tests/test_cuda_graph.py tests/test_cli.py tests/test_accelerate.py ;;
     *) echo "unknown stage $stage"; exit 2 ;;

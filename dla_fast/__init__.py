@@ -5,14 +5,15 @@
     dla_fast.load_checkpoint(model, "dla34.pth")      # timm / ucbdrive / CenterNet / training checkpoints
     dla_fast.accelerate(model)                         # fused kernels in place; dla_fast.restore(model) undoes
     dla_fast.CUDAGraphInference(model.eval().cuda())   # small batches: replay one captured CUDA graph per call
+    dla_fast.CUDAGraphTraining(model.train().cuda())   # the same for a training step's forward and backward
 """
 from .backend import BackendUnavailable, available_backends, get_backend, set_backend, use_backend
 from .models import CheckpointMismatch, create_model, list_models, load_checkpoint
-from .nn import CUDAGraphInference, accelerate, accelerated_modules, restore
+from .nn import CUDAGraphInference, CUDAGraphTraining, accelerate, accelerated_modules, restore
 from .version import __version__
 
 __all__ = [
-    "BackendUnavailable", "CUDAGraphInference", "CheckpointMismatch", "__version__", "accelerate", "accelerated_modules",
+    "BackendUnavailable", "CUDAGraphInference", "CUDAGraphTraining", "CheckpointMismatch", "__version__", "accelerate", "accelerated_modules",
     "available_backends", "create_model", "get_backend", "list_models", "load_checkpoint", "restore",
     "set_backend", "use_backend",
 ]

@@ -145,8 +145,8 @@ def test_cpu_defaults_are_small_and_announced():
     (["--size", "0"], "--size must be at least 32"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--checkpoint", "/nonexistent/weights.pth"], "checkpoint file not found"),
-    (["--providers", "eager,dla_fast_graph", "--train"], "CUDA-graph replay is for inference"),
-    (["--providers", "eager_graph"], "on a CUDA GPU (the device is cpu)"),
+    (["--providers", "eager,dla_fast_graph", "--train"], "CUDA-graph replay needs a CUDA GPU (the device is cpu)"),
+    (["--providers", "eager_graph"], "needs a CUDA GPU (the device is cpu)"),
     (["--train", "--size", "32"], "--train with --batch 1 --size 32: BatchNorm in training needs more than one value "
                                   "per channel, and the last level (stride 32) is 1x1 at this size"),
     (["--json", "."], "--json .: is a folder; give a file name"),
@@ -258,3 +258,17 @@ def test_out_of_memory_and_interrupt_end_without_traceback(canned_run, failure, 
     assert main(["bench", *TINY, "--no-progress"]) == status
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_compile_providers_compile_the_right_model_with_their_mode(monkeypatch):
+    """dla_fast_compile(_graph) compile the accelerated model, compile(_graph) the eager one, *_graph with
+    mode="reduce-overhead" (torch.compile is recorded, not run: tests/test_compile.py compiles the accelerated
+    models; the training rows run the same prepared module through bench's training step)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs.get("mode")) or model)
+    config = bench.resolve_config(build_parser().parse_args(["bench", *TINY, "--train"]))
+    for name, mode, accelerated in (("compile", None, False), ("compile_graph", "reduce-overhead", False),
+                                    ("dla_fast_compile", None, True),
+                                    ("dla_fast_compile_graph", "reduce-overhead", True)):
+        prepared = bench.PROVIDERS[name].prepare(dla_fast.create_model("dla46_c"), config)
+        assert calls.pop() == mode and bool(dla_fast.accelerated_modules(prepared)) == accelerated, name

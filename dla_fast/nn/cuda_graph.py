@@ -107,3 +107,124 @@ class CUDAGraphInference(nn.Module):
         if not self.clone_outputs:
             return static_output
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_output)
+
+
+def _tensor_signature(x: torch.Tensor) -> tuple:
+    fmt = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "contiguous"
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    return tuple(x.shape), x.dtype, x.device, fmt, x.requires_grad, autocast
+
+
+def _describe_signature(signature: tuple) -> str:
+    shape, dtype, device, fmt, requires_grad, autocast = signature
+    return (f"shape {shape}, {dtype}, {device}, {fmt}, requires_grad={requires_grad}, "
+            f"autocast {autocast if autocast is not None else 'off'}")
+
+
+class CUDAGraphTraining(nn.Module):
+    """The forward and backward of a training step replayed from two captured CUDA graphs, for one fixed input
+    signature (torch.cuda.make_graphed_callables on the wrapped model).
+
+        model = dla_fast.accelerate(create_model("centernet_dla34")).cuda().train()
+        graphed = dla_fast.CUDAGraphTraining(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for images, targets in loader:                  # every batch of one shape, dtype and memory format
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = graphed(images)                    # first call: warm-up + capture, then one replay
+                loss = criterion(out, targets)           # the loss and the optimizer step run outside the graphs
+            loss.backward()                              # replays the captured backward for the model's part
+            optimizer.step()
+
+    Rules (PyTorch's, checked where cheap):
+    - training only (use CUDAGraphInference for eval), with gradients enabled, CUDA inputs and a model on that
+      device; the first call fixes the input signature (shape, dtype, device, memory format, requires_grad,
+      autocast dtype): a call with another one raises ValueError; `reset()` drops the graphs so the next call
+      captures for its own signature (so do `.to()`, and `.train()`/`.eval()` on the wrapper);
+    - BatchNorm running statistics (and num_batches_tracked) move exactly once per call: the warm-up runs that
+      precede the capture are undone before the first replay. BatchNorm with momentum=None (cumulative average)
+      in training reads its factor on the host and cannot be captured: ValueError;
+    - parameters are read where they are: update them in place (optimizers do), never replace them; the
+      optimizer step, the loss and anything else outside the model run eagerly;
+    - outputs and the parameter gradients the backward returns live in the graphs' static memory and are
+      overwritten by the next replay: use (or clone) them before the next call, and zero the gradients with
+      `zero_grad(set_to_none=True)` each step (accumulating gradients across calls is not supported);
+    - forward hooks of submodules run during capture only; the model itself must have none;
+    - autocast's weight cache is off during capture (make_graphed_callables requires it).
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 3):
+        super().__init__()
+        self.model = model
+        self.warmup = warmup
+        self._signature = None
+        self._graphed = None
+
+    def reset(self) -> None:
+        """Drop the captured graphs; the next call captures again for its input signature."""
+        self._signature = None
+        self._graphed = None
+
+    def train(self, mode: bool = True):
+        self.reset()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.reset()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not self.model.training:
+            raise RuntimeError("CUDAGraphTraining captures training steps: call model.train() first (use "
+                               "dla_fast.CUDAGraphInference for eval-mode inference)")
+        if not torch.is_grad_enabled():
+            raise RuntimeError("CUDAGraphTraining captures forward and backward: call it with gradients enabled "
+                               "(not under torch.no_grad() or torch.inference_mode())")
+        if not isinstance(x, torch.Tensor) or not x.is_cuda:
+            raise ValueError("CUDAGraphTraining needs a CUDA tensor input; got "
+                             f"{x.device if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+    def _check_capturable(self, x: torch.Tensor) -> None:
+        model = self.model
+        if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks:
+            raise ValueError("CUDAGraphTraining: the wrapped model has hooks of its own, which a captured graph "
+                             "cannot run; register them on a module around it, or after the first call")
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if t.device != x.device:
+                raise ValueError(f"CUDAGraphTraining: the input is on {x.device} but the model's {name} is on "
+                                 f"{t.device}; move the model to the input's device first")
+        for name, m in self.model.named_modules():
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+                    and m.momentum is None):
+                raise ValueError(f"CUDAGraphTraining: BatchNorm {name or type(m).__name__} has momentum=None "
+                                 "(cumulative average), whose factor is read on the host each step and cannot be "
+                                 "captured; give it a momentum")
+
+    def _capture(self, x: torch.Tensor):
+        self._check_capturable(x)
+        buffers = list(self.model.buffers())
+        with torch.no_grad():
+            before = [b.clone() for b in buffers]
+        autocast = contextlib.nullcontext()
+        if torch.is_autocast_enabled("cuda"):
+            autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        model = self.model
+        with torch.cuda.device(x.device), autocast:
+            torch.cuda.make_graphed_callables(model, (x.detach().clone().requires_grad_(x.requires_grad),),
+                                              num_warmup_iters=self.warmup, allow_unused_input=True)
+        graphed = model.__dict__.pop("forward")  # the graphed forward; the model keeps its own forward
+        with torch.no_grad():
+            for b, saved in zip(buffers, before):  # undo the warm-up steps' running-statistics updates
+                b.copy_(saved)
+        return graphed
+
+    def forward(self, x: torch.Tensor):
+        self._check(x)
+        signature = _tensor_signature(x)
+        if self._graphed is None:
+            self._graphed = self._capture(x)
+            self._signature = signature
+        elif signature != self._signature:
+            raise ValueError(f"CUDAGraphTraining captured its graphs for input {_describe_signature(self._signature)}; "
+                             f"got {_describe_signature(signature)}. Call reset() to capture for the new one")
+        return self._graphed(x)

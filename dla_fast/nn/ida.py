@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
+from ..ops.common import cached_derived
 from ..ops.upsample_merge import upsample_merge
 from .folded import FoldedConvBN, fold_applies, unsupported
 
@@ -36,8 +37,12 @@ def conv1x1_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
 
 
 def _weight_like(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """The upsample's weight in the activations' dtype, as autocast gives it to the eager transposed conv."""
-    return up.weight.to(x.dtype)
+    """The upsample's weight in the activations' dtype, as autocast gives it to the eager transposed conv
+    (without gradients: cached until the weight changes, see dla_fast.ops.common.cached_derived)."""
+    weight = up.weight
+    if weight.dtype == x.dtype:
+        return weight
+    return cached_derived(weight, ("upsample_weight_as", x.dtype), lambda: weight.to(x.dtype))
 
 
 class _FusedIDA(nn.Module):

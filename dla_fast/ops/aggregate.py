@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .. import backend
 from .batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
-from .common import check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from .common import cached_derived, check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
 from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
 
 MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
@@ -371,9 +371,10 @@ def _weight_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 1x1 conv weight (Cout, K, 1, 1) as contiguous rows [Cout, K] in the activations' dtype (the cast
     autocast would do for an eager conv)."""
     w2d = weight.reshape(weight.shape[0], -1)
-    if w2d.dtype != dtype:
-        w2d = w2d.to(dtype)
-    return w2d if w2d.is_contiguous() else w2d.contiguous()
+    if w2d.dtype == dtype and w2d.is_contiguous():
+        return w2d
+    return cached_derived(weight, ("aggregate_weight_rows", dtype),
+                          lambda: w2d.to(dtype, memory_format=torch.contiguous_format))
 
 
 def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl,
@@ -485,14 +486,15 @@ def _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var,
     ctx.config = config  # (eps, residual, batch_stats, has_preact, impl)
 
 
-def _run_backward(ctx, grad_out):
+def _run_backward(ctx, grad_out, backward):
+    """The backward with `backward`: the custom op aggregate_bwd (torch.compile), or its implementation
+    `_aggregate_bwd_impl` called directly (eager: no dispatcher round trip)."""
     eps, residual, batch_stats, has_preact, impl = ctx.config
     if not has_preact:
         raise RuntimeError("dla_fast aggregate: the forward ran without saving its pre-BN output (no input "
                            "required grad at the time); run the forward with gradients enabled")
     out, preact, mean, var, weight, bn_weight, *children = ctx.saved_tensors
-    return aggregate_bwd(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual,
-                         batch_stats, impl)
+    return backward(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl)
 
 
 class _AggregateFunction(torch.autograd.Function):
@@ -514,7 +516,7 @@ class _AggregateFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out)
+        grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out, _aggregate_bwd_impl)
         return None, None, grad_w, grad_gamma, grad_beta, None, None, *grads
 
 
@@ -548,6 +550,12 @@ def aggregate_bwd(grad_out: torch.Tensor, out: torch.Tensor, preact: torch.Tenso
                   residual: bool, batch_stats: bool, impl: str
                   ) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grads of the children, grad of the conv weight, grad of BN weight, grad of BN bias)."""
+    return _aggregate_bwd_impl(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual,
+                               batch_stats, impl)
+
+
+def _aggregate_bwd_impl(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats,
+                        impl):
     with device_guard(children[0]):
         grads, grad_w, grad_gamma, grad_beta = _backward_triton(
             grad_out, out, preact, children, weight, fp32_vector(bn_weight), fp32_vector(mean), fp32_vector(var),
@@ -571,7 +579,7 @@ def _custom_op_setup_context(ctx, inputs, output):
 
 
 def _custom_op_backward(ctx, grad_out, grad_preact, grad_mean, grad_var):
-    grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out)
+    grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out, aggregate_bwd)
     return grads, grad_w, grad_gamma, grad_beta, None, None, None, None, None, None, None
 
 

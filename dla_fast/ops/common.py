@@ -3,9 +3,10 @@ CUDA device guard of Triton launches, and access to the compiled extension."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import backend
 
@@ -76,3 +77,29 @@ def check_channel_vectors(op: str, channels: int, device: torch.device, **vector
         if v is not None and (v.shape != (channels,) or v.device != device):
             raise ValueError(f"{op}: {name} must have shape ({channels},) (one value per channel) on {device}; "
                              f"got {tuple(v.shape)} on {v.device}")
+
+
+_DERIVED = WeakIdKeyDictionary()
+
+
+def cached_derived(source: torch.Tensor, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()` (a tensor computed from `source` alone: a weight cast to the activations' dtype, a weight in a
+    kernel's layout), cached per (source, key) and made again once `source` changed in place (its version
+    counter), moved, or was freed. Not cached (made every call) while torch.compile traces, while a CUDA graph
+    is being captured (the graph must compute it, so that replays see later weight updates), for inference
+    tensors (no version counter), or for a source that requires grad while grad mode is on (the result must
+    stay in the autograd graph). Made under inference_mode, the cached tensor is still a normal tensor. Like
+    PyTorch's own caches, it cannot see edits through `tensor.data`."""
+    if (torch.compiler.is_compiling() or source.is_inference() or (source.requires_grad and torch.is_grad_enabled())
+            or (source.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return make()
+    stamp = (source._version, source.data_ptr(), source.device)
+    entries = _DERIVED.get(source)
+    if entries is None:
+        entries = _DERIVED[source] = {}
+    hit = entries.get(key)
+    if hit is None or hit[0] != stamp:
+        with torch.inference_mode(False):  # a normal tensor even when made under inference_mode: later
+            value = make()                 # training calls may save it for backward
+        hit = entries[key] = (stamp, value)
+    return hit[1]

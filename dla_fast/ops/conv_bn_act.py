@@ -7,9 +7,10 @@ With running statistics (eval mode) BatchNorm is a per-channel affine map, so
 and a whole conv -> BN [-> + residual] [-> ReLU] chain is one convolution with a bias and an epilogue. On
 CUDA tensors it runs as one cuDNN call (`torch.cudnn_convolution_relu` / `torch.cudnn_convolution_add_relu`,
 cuDNN's fused convolution-bias-add-activation), which writes the output once instead of a conv pass, a
-BatchNorm pass, an add pass and a ReLU pass. Everywhere else (CPU tensors; under torch.compile, where
-inductor fuses the epilogue itself; a chain without ReLU) the same folded arithmetic runs as F.conv2d with
-the bias, then in-place add and ReLU.
+BatchNorm pass, an add pass and a ReLU pass. Everywhere else (CPU tensors, a chain without ReLU) the same
+folded arithmetic runs as F.conv2d with the bias, then in-place add and ReLU. Under torch.compile the call is
+the custom op `dla_fast::conv_bias_act` (same implementation, a fake kernel for tracing), which Inductor keeps
+as one extern call, so a compiled model still runs the fused cuDNN call.
 
 Inference only: batch statistics (training mode) cannot be folded, and the fused cuDNN calls have no autograd
 formula. `foldable()` says when the fold applies; callers run their eager modules otherwise. The eager
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +88,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, pa
                          "all must be on one device")
     if residual is None:
         return
-    out_shape = (x.shape[0], weight.shape[0]) + tuple(
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(2))
+    out_shape = _output_shape(x, weight, stride, padding, dilation)
     if tuple(residual.shape) != out_shape or residual.device != x.device:
         raise ValueError(f"{OP_NAME}: residual is {tuple(residual.shape)} on {residual.device} but the conv output "
                          f"is {out_shape} on {x.device}")
@@ -113,13 +112,71 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual):
 
 def uses_cudnn_fusion(x: torch.Tensor, relu: bool) -> bool:
     """Whether conv_bias_act runs this call as one fused cuDNN call."""
-    return (relu and x.is_cuda and torch.backends.cudnn.enabled and _cudnn_available()
-            and not torch.compiler.is_compiling())
+    return relu and x.is_cuda and torch.backends.cudnn.enabled and _cudnn_available()
 
 
 @functools.lru_cache(maxsize=None)
 def _cudnn_available() -> bool:
     return torch.backends.cudnn.is_available()
+
+
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> Tuple[int, int, int, int]:
+    return (x.shape[0], weight.shape[0]) + tuple(
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2))
+
+
+def _has_channels_last_strides(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and t.shape[1] > 1 and t.stride(1) == 1
+
+
+def output_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """channels_last when the input or the weight has channels_last strides (what cuDNN and the CPU convs
+    choose), else contiguous: the layout conv_bias_act's output always has (its fake kernel promises it)."""
+    if _has_channels_last_strides(x) or _has_channels_last_strides(weight):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_bias_act_impl(x, weight, bias, stride, padding, dilation, groups, residual, relu) -> torch.Tensor:
+    """conv_bias_act on checked arguments of one dtype: cuDNN's fused call where it applies, else conv2d +
+    add + ReLU; the output in `output_memory_format`."""
+    memory_format = output_memory_format(x, weight)
+    if uses_cudnn_fusion(x, relu):
+        key = None
+        if _CUDNN_FAILURES:
+            key = _failure_key(x, weight, stride, padding, dilation, groups, residual)
+        if key is None or key not in _CUDNN_FAILURES:
+            try:
+                out = _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual)
+                return out.contiguous(memory_format=memory_format)
+            except RuntimeError as e:
+                if _is_device_error(e):  # out of memory, a CUDA error: not a fusion limit
+                    raise
+                _CUDNN_FAILURES.add(_failure_key(x, weight, stride, padding, dilation, groups, residual))
+                warnings.warn(f"dla_fast {OP_NAME}: cuDNN could not fuse conv{tuple(weight.shape)} + bias + "
+                              f"{'add + ' if residual is not None else ''}ReLU for input {tuple(x.shape)} "
+                              f"{x.dtype} ({str(e).splitlines()[0]}); this configuration runs as separate "
+                              "conv, add and ReLU passes")
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(memory_format=memory_format)
+    if residual is not None:
+        out = out.add_(residual)
+    return out.relu_() if relu else out
+
+
+@torch.library.custom_op("dla_fast::conv_bias_act", mutates_args=())
+def conv_bias_act_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: List[int],
+                     padding: List[int], dilation: List[int], groups: int, residual: Optional[torch.Tensor],
+                     relu: bool) -> torch.Tensor:
+    """conv_bias_act as one opaque op for torch.compile: x, residual in the weight's dtype (checked by the
+    caller); the output (N, Cout, Ho, Wo) in `output_memory_format(x, weight)`. No autograd (inference only)."""
+    return _conv_bias_act_impl(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+
+
+@conv_bias_act_op.register_fake
+def _conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    return torch.empty(_output_shape(x, weight, stride, padding, dilation), dtype=weight.dtype, device=x.device,
+                       memory_format=output_memory_format(x, weight))
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: Sequence[int] = (1, 1),
@@ -129,7 +186,8 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
 
     x and residual are cast to the weight's dtype (the autocast dtype the caller folded for). On CUDA with
     ReLU: one cuDNN fused call. If cuDNN rejects a configuration, a warning names it once and that
-    configuration runs as conv2d + add + ReLU from then on (same numbers, separate passes).
+    configuration runs as conv2d + add + ReLU from then on (same numbers, separate passes). Under
+    torch.compile: the custom op dla_fast::conv_bias_act (the same implementation).
     """
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     _check(x, weight, bias, stride, padding, dilation, groups, residual)
@@ -137,25 +195,9 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
         x = x.to(weight.dtype)
     if residual is not None and residual.dtype != weight.dtype:
         residual = residual.to(weight.dtype)
-    if uses_cudnn_fusion(x, relu):
-        key = None
-        if _CUDNN_FAILURES:
-            key = _failure_key(x, weight, stride, padding, dilation, groups, residual)
-        if key is None or key not in _CUDNN_FAILURES:
-            try:
-                return _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual)
-            except RuntimeError as e:
-                if _is_device_error(e):  # out of memory, a CUDA error: not a fusion limit
-                    raise
-                _CUDNN_FAILURES.add(_failure_key(x, weight, stride, padding, dilation, groups, residual))
-                warnings.warn(f"dla_fast {OP_NAME}: cuDNN could not fuse conv{tuple(weight.shape)} + bias + "
-                              f"{'add + ' if residual is not None else ''}ReLU for input {tuple(x.shape)} "
-                              f"{x.dtype} ({str(e).splitlines()[0]}); this configuration runs as separate "
-                              "conv, add and ReLU passes")
-    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if residual is not None:
-        out = out.add_(residual)
-    return out.relu_() if relu else out
+    if torch.compiler.is_compiling():
+        return conv_bias_act_op(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    return _conv_bias_act_impl(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
 
 def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from .common import channels_last, device_guard, extension_ops
+from .common import cached_derived, channels_last, device_guard, extension_ops
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
@@ -237,8 +237,10 @@ def grad_weight_reduce_kernel(partial_ptr, grad_weight_ptr, n_blocks, C, TAPS: t
 
 
 def _transposed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 2f, 2f) -> [(2f)^2, C] contiguous: the weight layout of the Triton kernels."""
-    return weight.reshape(weight.shape[0], -1).t().contiguous()
+    """(C, 1, 2f, 2f) -> [(2f)^2, C] contiguous: the weight layout of the Triton kernels (cached until the
+    weight changes, see common.cached_derived)."""
+    return cached_derived(weight, "upsample_merge_weight_t",
+                          lambda: weight.reshape(weight.shape[0], -1).t().contiguous())
 
 
 def _contiguous_weight(weight: torch.Tensor) -> torch.Tensor:

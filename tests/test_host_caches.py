@@ -1,0 +1,62 @@
+"""Host-side caches of the fused ops: a cached weight cast is reused until the weight changes, and never used
+where it could go stale (autograd, inference tensors)."""
+import pytest
+import torch
+
+import dla_fast
+from dla_fast.ops import aggregate as agg
+from dla_fast.ops.common import cached_derived
+
+
+
+def test_cached_derived_follows_the_version_counter():
+    weight = torch.randn(6, 5, 1, 1)
+    first = cached_derived(weight, "half", lambda: weight.half())
+    assert cached_derived(weight, "half", lambda: weight.half()) is first
+    assert cached_derived(weight, "other key", lambda: weight.double()) is not first
+    with torch.no_grad():
+        weight.mul_(2.0)  # an optimizer step: in place, the version counter moves
+    second = cached_derived(weight, "half", lambda: weight.half())
+    assert second is not first and torch.equal(second, weight.half())
+    weight.data = torch.randn(6, 5, 1, 1)  # replaced storage (as .to() / load into .data do)
+    assert torch.equal(cached_derived(weight, "half", lambda: weight.half()), weight.half())
+
+
+def test_cached_derived_is_bypassed_where_it_could_go_stale():
+    leaf = torch.randn(4, requires_grad=True)
+    made = [cached_derived(leaf, "k", lambda: leaf * 2) for _ in range(2)]
+    assert made[0] is not made[1] and made[0].requires_grad  # grad mode: part of the autograd graph, never cached
+    weight = torch.randn(4)
+    with torch.inference_mode():
+        made_in_inference_mode = cached_derived(weight, "k", lambda: weight * 2)
+        inference = torch.randn(4)
+        assert cached_derived(inference, "k", lambda: inference + 1) is not cached_derived(inference, "k",
+                                                                                               lambda: inference + 1)
+    assert not made_in_inference_mode.is_inference()  # usable later by a training call (saved for backward)
+    assert cached_derived(weight, "k", lambda: weight * 2) is made_in_inference_mode
+
+
+@pytest.mark.interpreter
+def test_aggregate_sees_in_place_weight_updates_with_a_cached_cast():
+    """fp16 children with an fp32 weight (what autocast gives a root): the fp16 weight rows are cached across
+    calls, and an in-place update of the weight (an optimizer step) is used by the next call."""
+    children = [torch.randn(2, 6, 5, 3).half().contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    weight = torch.randn(7, 12, 1, 1)
+    gamma, beta = torch.rand(7) + 0.5, torch.randn(7)
+    mean, var = torch.randn(7) * 0.1, torch.rand(7) + 0.5
+
+    def reference():
+        x = torch.cat(children, 1).double()
+        y = torch.nn.functional.conv2d(x, weight.half().double())
+        return torch.relu(torch.nn.functional.batch_norm(y, mean.double(), var.double(), gamma.double(),
+                                                         beta.double(), False))
+
+    with dla_fast.use_backend("triton"), torch.no_grad():
+        for step in range(2):
+            out = agg.aggregate(children, weight, gamma, beta, mean, var)
+            eager_error = (torch.nn.functional.relu(torch.nn.functional.batch_norm(
+                torch.nn.functional.conv2d(torch.cat(children, 1), weight.half()).float(), mean, var, gamma, beta,
+                False)).double() - reference()).abs().max().item()
+            assert (out.double() - reference()).abs().max().item() <= 2 * eager_error, f"step {step}"
+            weight.mul_(-1.5)
+        assert agg._weight_rows(weight, torch.float16) is agg._weight_rows(weight, torch.float16)
