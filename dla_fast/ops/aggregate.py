@@ -388,11 +388,10 @@ def _tile_sizes(kernel: str, m: int, cout: int, dtype: torch.dtype, device: torc
     if device.type != "cuda":
         return {"fwd": (128, 256, 256), "grad_input": (128, 256, 256), "grad_weight": (256, 256, 128)}[kernel]
     k = 32 if dtype == torch.float32 else 64
-    # the input gradient's K is Cout: at large Cout the children's columns span several tiles, dy is materialised
-    # (materialise_dy) and the kernel is a plain GEMM, which takes 128 x 128 tiles (8 warps) at 16 bits
-    wide = cout >= 256 and m >= 4096 and dtype != torch.float32
+    # grad_input stays 64 x 64 at every Cout: 128 x 128 tiles (8 warps) spilled 136-144 bytes of stack per thread
+    # in this kernel compiled for sm_90 (255 registers; the eight child slots), so they are not used
     return {"fwd": (128 if m >= 4096 else 64, _pow2_clamp(cout, 16, 128), k),
-            "grad_input": (128, 128, k) if wide else (64, k, k),
+            "grad_input": (64, k, k),
             "grad_weight": (_pow2_clamp(cout, 16, 64), 64, k)}[kernel]
 
 
@@ -772,3 +771,55 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (INTERFACES §1)
+# --------------------------------------------------------------------------------------------------------
+_AOT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_AOT_COUTS = (16, 32, 64, 128, 256, 512, 1024)  # the output widths of DLA roots (and the narrow test widths)
+_AOT_ROWS = 256 * 56 * 56  # a large batch: the GPU tile choices at scale
+
+
+def kernel_configurations() -> list:
+    """The training-backward kernels this module's launchers pick on the GPU (issue 10: aggregate_dy_kernel,
+    aggregate_stats_group_kernel, aggregate_grad_input_kernel reading a materialised dy), derived from
+    _dy_tile_shape, _tile_sizes and the statistics-merge constants."""
+    from .aot import KernelConfig
+
+    cuda = torch.device("cuda")
+    configs = {}
+    for dtype, tname in _AOT_DTYPES.items():
+        act = f"*{tname}"
+        for cout in _AOT_COUTS:
+            block_m, block_co = _dy_tile_shape(cout)
+            for batch_stats in (True, False):
+                constexprs = dict(BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_CO=block_co)
+                signature = dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32",
+                                 sum_gx_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32",
+                                 M="i32", Cout="i32", eps="fp32", **{k: "constexpr" for k in constexprs})
+                name = f"aggregate_dy_kernel[{tname},{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
+                configs[name] = KernelConfig(name, aggregate_dy_kernel, signature, constexprs)
+            block_m, block_c, block_co = _tile_sizes("grad_input", _AOT_ROWS, cout, dtype, cuda)
+            for children in range(2, MAX_CHILDREN + 1):
+                constexprs = dict(NUM_CHILDREN=children, RESIDUAL=False, BATCH_STATS=True, BLOCK_M=block_m,
+                                  BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=_dot_precision(dtype),
+                                  DY_READY=True)
+                signature = {**{f"g{i}": act for i in range(MAX_CHILDREN)},
+                             **{f"c{i}": "i32" for i in range(MAX_CHILDREN)},
+                             "grad_out_ptr": act, "out_ptr": act, "y_ptr": act, "dy_ptr": act, "sum_g_ptr": "*fp32",
+                             "sum_gx_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32", "gamma_ptr": "*fp32",
+                             "w_ptr": act, "stride_wn": "i32", "M": "i32", "Cout": "i32", "eps": "fp32",
+                             **{k: "constexpr" for k in constexprs}}
+                name = (f"aggregate_grad_input_kernel[{tname},"
+                        f"{','.join(f'{k}={v}' for k, v in constexprs.items())}]")
+                configs[name] = KernelConfig(name, aggregate_grad_input_kernel, signature, constexprs,
+                                             needs_wgmma=dtype != torch.float32,
+                                             **_launch_options(block_m * block_c, cuda))
+    for tile_rows in (64, 128):  # the forward kernel's BLOCK_M on the GPU
+        constexprs = dict(TILE_ROWS=tile_rows, GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)
+        signature = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", group_sum_ptr="*fp32", group_m2_ptr="*fp32",
+                         M="i32", C="i32", num_tiles="i32", **{k: "constexpr" for k in constexprs})
+        name = f"aggregate_stats_group_kernel[{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
+        configs[name] = KernelConfig(name, aggregate_stats_group_kernel, signature, constexprs)
+    return list(configs.values())
