@@ -4,8 +4,8 @@ Runs the model once on the meta device (no memory, no arithmetic: a second on CP
 every layer's shapes, and counts, per layer, for 16-bit activations (--bytes-per-value 2):
 
 - convs (Conv2d, ConvTranspose2d): forward, dgrad (input gradient; none for the stem conv) and wgrad (weight
-  gradient) FLOPs (2 * multiply-adds each); activation bytes of the three passes (forward: read input, write output; dgrad:
-  read grad_out, write grad_in; wgrad: read input and grad_out; weights not counted);
+  gradient) FLOPs (2 * multiply-adds each); activation bytes of the three passes (forward: read input, write
+  output; dgrad: read grad_out, write grad_in; wgrad: read input and grad_out; weights not counted);
 - BatchNorm2d in training, as eager runs it: forward = statistics read + normalize read/write, backward =
   reduction read of (grad, input) + input-gradient pass read (grad, input) / write;
 - ReLU: forward read/write, backward read (grad, output) / write;
@@ -15,7 +15,8 @@ every layer's shapes, and counts, per layer, for 16-bit activations (--bytes-per
 
 and the fused minimum of the BatchNorm [+ residual] + ReLU of each conv (dla_fast.ops.batchnorm_act's passes):
 forward read input twice (statistics, normalize) + residual + write output; backward read (grad, output, input)
-twice + write grad_in (+ grad_residual); a ReLU not behind a BatchNorm (CenterNet's heads) stays a pass. Floors: bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s (H200, bf16).
+twice + write grad_in (+ grad_residual); a ReLU not behind a BatchNorm (CenterNet's heads) stays a pass.
+Floors: bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s (H200, bf16).
 
 The table groups the layers by (output resolution, channels). Nothing here is measured: the times are floors.
 

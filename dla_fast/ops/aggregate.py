@@ -26,6 +26,7 @@ and `dla_fast::aggregate_bwd`, with fake implementations and registered autograd
 """
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -801,10 +802,11 @@ def kernel_configurations() -> list:
                 name = f"aggregate_dy_kernel[{tname},{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
                 configs[name] = KernelConfig(name, aggregate_dy_kernel, signature, constexprs)
             block_m, block_c, block_co = _tile_sizes("grad_input", _AOT_ROWS, cout, dtype, cuda)
-            for children in range(2, MAX_CHILDREN + 1):
-                constexprs = dict(NUM_CHILDREN=children, RESIDUAL=False, BATCH_STATS=True, BLOCK_M=block_m,
-                                  BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=_dot_precision(dtype),
-                                  DY_READY=True)
+            for children, residual, batch_stats in itertools.product(range(2, MAX_CHILDREN + 1), (False, True),
+                                                                     (True, False)):
+                constexprs = dict(NUM_CHILDREN=children, RESIDUAL=residual, BATCH_STATS=batch_stats,
+                                  BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
+                                  DOT_PRECISION=_dot_precision(dtype), DY_READY=True)
                 signature = {**{f"g{i}": act for i in range(MAX_CHILDREN)},
                              **{f"c{i}": "i32" for i in range(MAX_CHILDREN)},
                              "grad_out_ptr": act, "out_ptr": act, "y_ptr": act, "dy_ptr": act, "sum_g_ptr": "*fp32",
