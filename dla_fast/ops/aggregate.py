@@ -211,7 +211,7 @@ def aggregate_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
 def _dy_tile(tile, mask, offs_co, mask_co, grad_out_ptr, out_ptr, y_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr, var_ptr,
              gamma_ptr, M, eps, BATCH_STATS: tl.constexpr):
     """dy, the gradient at the pre-BN y, on one [rows, offs_co] tile (fp32, 0 outside `mask`), from
-    g = grad_out where out > 0 (the ReLU mask from the saved output):
+    g = grad_out, 0 where out <= 0 (the ReLU mask from the saved output, as threshold_backward: NaN passes):
       batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
                           written as k*g + coef_y*y + coef_1 per channel;
       running statistics: dy = k g."""
@@ -219,7 +219,7 @@ def _dy_tile(tile, mask, offs_co, mask_co, grad_out_ptr, out_ptr, y_ptr, sum_g_p
     k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
     grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.where(out > 0.0, grad_out, 0.0) * k[None, :]
+    dy = tl.where(out <= 0.0, 0.0, grad_out) * k[None, :]
     if BATCH_STATS:
         mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
         sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
@@ -282,7 +282,7 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
     if RESIDUAL and i == 0:  # the residual's gradient is g itself (child 0 has Cout channels)
         grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(out > 0.0, grad_out, 0.0)
+        acc += tl.where(out <= 0.0, 0.0, grad_out)
     tl.store(grad_ptr + tile, acc.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
