@@ -8,6 +8,8 @@
 #           bench-aggregate-compile (default: all, in that order: most needed first);
 #           also bench-training, bench-centernet, test-changed (the GPU tests of the folding, graph and CLI files only),
 #           test-compile (GPU tests of torch.compile / CUDAGraphTraining), bench-compile (compile and captured-step rows)
+#           issue 10 (training): profile-training, bench-training-fused (the fused BatchNorm training path forced),
+#           convergence
 # Commit the JSON under benchmarks/results/<gpu>/ and make the tables with benchmarks/report.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -72,6 +74,12 @@ for stage in "${STAGES[@]}"; do
           \$B --model centernet_dla34 --size 512 --batch 16 --train \
           --providers eager,compile,dla_fast,dla_fast_compile,eager_graph,dla_fast_graph \
           --json $OUT/compile_centernet_training_b16.json" ;;
+    profile-training) run_stage profile-training 300 $PY benchmarks/profile_training.py --backend triton \
+          --json "$OUT/profile_training.json" ;;
+    bench-training-fused) run_stage bench-training-fused 120 $PY -m dla_fast bench --backend triton \
+          --model dla34 --dtype bf16 --channels-last --no-progress --batch 256 --train --providers eager,dla_fast \
+          --json $OUT/models_cl_training_b256_fused_bn.json ;;
+    convergence) run_stage convergence 300 $PY benchmarks/convergence.py --json "$OUT/convergence.json" ;;
     test-changed) run_stage test-changed 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
           tests/test_folded.py tests/test_cuda_graph.py tests/test_cli.py tests/test_accelerate.py ;;
     *) echo "unknown stage $stage"; exit 2 ;;

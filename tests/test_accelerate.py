@@ -8,18 +8,25 @@ statistics over few values): eager PyTorch itself, NCHW or channels_last, is 1e-
 run on these inputs, so a direct comparison would test the conditioning, not the kernels.
 """
 import copy
+import types
 
 import pytest
 import torch
 
 import dla_fast
 from dla_fast.nn import FusedIDAUp, FusedIDAUpAdd, FusedRoot
+from dla_fast.nn import folded as folded_module
+from dla_fast.nn.folded import FoldedBasicBlock, FoldedBottleneck, FoldedConvBNStack
 
 from helpers import assert_close, randomize_bn
 
 timm = pytest.importorskip("timm")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED_TYPES = (FusedRoot, FusedIDAUp, FusedIDAUpAdd)
+FOLDED_TYPES = (FoldedBasicBlock, FoldedBottleneck, FoldedConvBNStack)
+BN_TRAINING_KERNELS = ("channel_stats_partial_kernel", "channel_stats_merge_kernel", "bn_apply_kernel",
+                       "bn_backward_reduce_partial_kernel", "bn_backward_reduce_merge_kernel",
+                       "bn_backward_apply_kernel")
 
 
 class LaunchCounter:
@@ -52,12 +59,13 @@ def _flat(value):
 
 
 def _rebuild(value, tensors):
-    """`value` with its tensors replaced, in _flat order, by `tensors`."""
-    it = iter(tensors)
+    """`value` with its tensors replaced, in _flat order, by `tensors` (a tensor given twice, e.g. a block's input
+    that is also its residual, is replaced by the same new tensor both times)."""
+    replacement = {id(t): new for t, new in zip(_flat(value), tensors)}
 
     def walk(v):
         if isinstance(v, torch.Tensor):
-            return next(it)
+            return replacement[id(v)]
         return type(v)(walk(x) for x in v)
 
     return walk(value)
@@ -67,10 +75,10 @@ class ModuleRecorder:
     """Records, for every fused module of a model in one step: its inputs, its state before the call, its outputs
     and the gradients that reached them."""
 
-    def __init__(self, model):
+    def __init__(self, model, types=FUSED_TYPES):
         self.calls, self.handles = [], []
         for name, module in model.named_modules():
-            if isinstance(module, FUSED_TYPES):
+            if isinstance(module, types):
                 self.handles.append(module.register_forward_pre_hook(self._before(name)))
                 self.handles.append(module.register_forward_hook(self._after))
 
@@ -108,15 +116,16 @@ def _replay(call, fused_path, training, kernels):
     return outs, [leaf.grad for leaf in leaves], module
 
 
-def _check_modules(recorder, training, types, kernels):
+def _check_modules(recorder, training, types, kernels, in_model=True):
     """Every recorded fused module of `types` equals its eager original on what it saw: outputs (also the ones it
-    produced inside the model), input and parameter gradients, BatchNorm buffers after the call."""
+    produced inside the model, unless in_model=False: the call is replayed in another mode than recorded), input
+    and parameter gradients, BatchNorm buffers after the call."""
     calls = [c for c in recorder.calls if isinstance(c["module"], types)]
     assert calls, "no fused module ran"
     for call in calls:
         where = f"{call['name']} ({'train' if training else 'eval'})"
         eager_outs, eager_grads, eager = _replay(call, False, training, kernels)
-        for k, (seen, expected) in enumerate(zip(call["outs"], eager_outs)):
+        for k, (seen, expected) in enumerate(zip(call["outs"], eager_outs) if in_model else ()):
             assert_close(seen, expected, 1e-5, f"{where}: output {k} in the model")
         fused_outs, fused_grads, fused = _replay(call, True, training, kernels)
         for k, (a, b) in enumerate(zip(fused_outs, eager_outs)):
@@ -135,7 +144,7 @@ def _check_modules(recorder, training, types, kernels):
             else:
                 assert_close(p.grad, eager_params[name], 1e-4, f"{where}: grad of {name}")
         eager_buffers = dict(eager.named_buffers())
-        for name, b in call["module"].named_buffers():
+        for name, b in (call["module"] if in_model else fused).named_buffers():
             if b.dtype.is_floating_point:
                 assert_close(b, eager_buffers[name], 1e-5, f"{where}: {name} after the call")
             else:
@@ -156,6 +165,10 @@ def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED
     equals its original in an eval and a training step (forward and backward), and the listed Triton kernels
     ran in each step."""
     keys_before = {k: v.clone() for k, v in fused.state_dict().items()}
+    # The blocks' own training path (conv + fused BatchNorm) is tested by test_accelerated_blocks_train_like_the_
+    # originals; here the blocks run their eager modules in training, as before, so these tests check the fused
+    # roots and up-merges on the same inputs as ever and within the interpreter's time.
+    monkeypatch.setattr(folded_module, "fused_training_applies", lambda pairs, x: False)
     dla_fast.accelerate(fused)
     after = fused.state_dict()
     assert list(after) == list(keys_before)
@@ -278,3 +291,111 @@ def test_roots_the_kernel_cannot_take_stay_eager_and_restore_keeps_the_layout():
     assert isinstance(model["a"], FusedRoot) and isinstance(model["b"], Root)
     dla_fast.restore(model)
     assert model["a"].conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_training_steps(call, momentum, kernels, counter, steps=2):
+    """The recorded module, fused and eager, trained side by side for `steps` steps from its recorded state
+    (every BatchNorm given `momentum`; each step's input a fresh scaling of the recorded one, the recorded
+    output gradient): equal outputs, input and accumulated parameter gradients, and BatchNorm buffers
+    (running statistics, num_batches_tracked) after every step; the fused BatchNorm kernels ran each step."""
+    where = f"{call['name']} (momentum={momentum})"
+    modules = []
+    for fused_path in (True, False):
+        module = copy.deepcopy(call["module"] if fused_path else call["module"].original)
+        module.load_state_dict(call["state"])
+        module.train(True)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = momentum
+        modules.append(module)
+    fused, eager = modules
+    for step in range(steps):
+        scale = 1.0 + 0.25 * step
+        results = []
+        for module, kernels_used in ((fused, kernels), (eager, "torch")):
+            leaves = [(t * scale).requires_grad_() for t in call["inputs"]]
+            counter.names.clear()
+            with dla_fast.use_backend(kernels_used):
+                output = module(*_rebuild(call["args"], leaves))
+                outs = [t for t in _flat(output) if all(t is not leaf for leaf in leaves)]
+                torch.autograd.backward(outs, [g for g in call["grads"]])
+            if module is fused:
+                for kernel in BN_TRAINING_KERNELS:
+                    assert kernel in counter.names, f"{where}: {kernel} did not run in step {step}"
+            results.append((outs, [leaf.grad for leaf in leaves]))
+        (fused_outs, fused_grads), (eager_outs, eager_grads) = results
+        for k, (a, b) in enumerate(zip(fused_outs, eager_outs)):
+            assert_close(a, b, 1e-5, f"{where}: output {k}, step {step}")
+        for k, (a, b) in enumerate(zip(fused_grads, eager_grads)):
+            assert_close(a, b, 1e-4, f"{where}: grad of input {k}, step {step}")
+        eager_params = dict(eager.named_parameters())
+        for name, p in fused.named_parameters():
+            if p.grad is not None and eager_params[name].grad.abs().max() > 0:
+                assert_close(p.grad, eager_params[name].grad, 1e-4, f"{where}: grad of {name}, step {step}")
+        eager_buffers = dict(eager.named_buffers())
+        for name, b in fused.named_buffers():
+            if b.dtype.is_floating_point:
+                assert_close(b, eager_buffers[name], 1e-5, f"{where}: {name} after step {step}")
+            else:
+                assert torch.equal(b, eager_buffers[name]), f"{where}: {name} after step {step}"
+
+
+def _representative_calls(calls):
+    """One call of each replaced type (blocks: one with and one without a separate residual input), the one with
+    the fewest input values (the interpreter's time goes with the size)."""
+    chosen = {}
+    for call in calls:
+        key = (type(call["module"]).__name__, len(call["inputs"]) > 1)
+        size = sum(t.numel() for t in call["inputs"])
+        if key not in chosen or size < chosen[key][0]:
+            chosen[key] = (size, call)
+    return [call for _, call in chosen.values()]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name, replaced, whole_model", [
+    ("dla34", (FoldedBasicBlock, FoldedConvBNStack), True),
+    ("dla60", (FoldedBottleneck, FoldedConvBNStack), False),    # Bottleneck (timm's DlaBottleneck)
+    ("dla102x", (FoldedBottleneck, FoldedConvBNStack), False),  # BottleneckX: grouped 3x3 (cardinality 32)
+])
+def test_accelerated_blocks_train_like_the_originals(name, replaced, whole_model, monkeypatch):
+    """Every residual block and conv-BN-ReLU stack accelerate() replaced, with backend triton, runs its convs plus
+    the fused BatchNorm [+ residual] + ReLU kernels and equals the module it replaced on the inputs and output
+    gradients it saw inside the model: outputs, input and parameter gradients, running statistics, in training
+    (one step, then several steps with momentum 0.1 and None) and in eval with gradients wanted.
+
+    dla34: the whole training step runs with backend triton and every replaced module is replayed. dla60/dla102x:
+    the step is recorded eagerly (the same inputs and gradients; the interpreter's time is the limit) and one
+    module of each replaced type is replayed (blocks: with and without a separate residual input)."""
+    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).to(DEVICE)
+    dla_fast.accelerate(model)
+    folded_names = [n for n in dla_fast.accelerated_modules(model)
+                    if isinstance(model.get_submodule(n), FOLDED_TYPES)]
+    assert {type(model.get_submodule(n)) for n in folded_names} == set(replaced)
+    counter = LaunchCounter(monkeypatch)
+    model.train()
+    recorder = ModuleRecorder(model, FOLDED_TYPES)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)  # level 5 sees 2x2x2 values per channel
+    with dla_fast.use_backend("triton" if whole_model else "torch"):
+        out = model(x)
+        out.backward(torch.randn_like(out))
+    recorder.remove()
+    assert sorted({c["name"] for c in recorder.calls}) == sorted(folded_names)
+    if whole_model:
+        for kernel in BN_TRAINING_KERNELS:
+            assert kernel in counter.names, f"{kernel} did not run"
+    representatives = _representative_calls(recorder.calls)
+    assert {type(c["module"]) for c in representatives} == set(replaced)
+    _check_modules(types.SimpleNamespace(calls=recorder.calls if whole_model else representatives), True,
+                   FOLDED_TYPES, "triton")
+    _check_modules(types.SimpleNamespace(calls=representatives), False, FOLDED_TYPES, "triton",
+                   in_model=False)  # eval mode with gradients wanted: the running statistics normalize
+    for call in representatives:
+        _check_training_steps(call, 0.1, "triton", counter, steps=2)
+        _check_training_steps(call, None, "triton", counter, steps=2)
+
+
+def test_auto_backend_keeps_the_eager_training_path():
+    """backend auto: the blocks' training path stays eager (AUTO_CHOICE) until a GPU measurement says otherwise."""
+    assert dla_fast.backend.AUTO_CHOICE["batchnorm_act_training"] == "torch"
+    assert dla_fast.backend.resolve(torch.device("cuda"), "batchnorm_act_training") == "torch"

@@ -20,6 +20,7 @@ def small_tiles(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setattr(aggregate_module, "TILE_OVERRIDES",
                             {"fwd": (32, 16, 16), "grad_input": (32, 16, 16), "grad_weight": (16, 16, 32)})
+        monkeypatch.setattr(aggregate_module, "STATS_GROUP_TILES", 2)  # the two-level statistics merge runs
 
 
 class EagerNode(nn.Module):
@@ -181,10 +182,15 @@ def test_launches_triton_kernels(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", counting_run)
-    ref, fused, children = _make((6, 7, 3), 6, True)
+    ref, fused, children = _make((6, 7, 3), 6, True, h=7, w=5)  # 70 rows: 3 row tiles, two-level merge
     _check_step(ref, fused, children, training=True)
-    assert {"aggregate_fwd_kernel", "aggregate_stats_merge_kernel", "aggregate_grad_input_kernel",
-            "aggregate_grad_weight_kernel"} <= set(launched)
+    assert {"aggregate_fwd_kernel", "aggregate_stats_merge_kernel", "aggregate_stats_group_kernel",
+            "aggregate_grad_input_kernel", "aggregate_grad_weight_kernel"} <= set(launched)
+    assert "aggregate_dy_kernel" in launched  # 3 children: several column tiles, dy materialised once
+    launched.clear()
+    ref, fused, children = _make((6,), 6, False)
+    _check_step(ref, fused, children, training=True)
+    assert "aggregate_grad_input_kernel" in launched and "aggregate_dy_kernel" not in launched  # one column tile
 
 
 @pytest.mark.interpreter

@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from dla_fast import backend
 from dla_fast.cli.records import read_records
@@ -82,3 +83,61 @@ def test_bench_ida_smoke(tmp_path):
     assert sorted((r.provider, r.mode) for r in records) == sorted(
         (p, m) for p in ("eager", "dla_fast") for m in ("inference", "training"))
     assert all(r.op == "ida_up_path" and 0 < r.ms_p50 for r in records)
+
+
+def test_layer_costs_counts_the_flops_of_a_training_step():
+    """The per-layer FLOPs of a training step (meta device, no arithmetic) add up to what PyTorch's own
+    FlopCounterMode counts for the forward + backward of the same model; the table prints."""
+    import io
+
+    import layer_costs
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = layer_costs.layer_costs("dla34", 2, 32)
+    model = layer_costs.build("dla34")
+    with torch.device("meta"):
+        x = torch.empty(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert sum(r["fwd_flop"] + r["dgrad_flop"] + r["wgrad_flop"] for r in rows) == counter.get_total_flops()
+    summary = layer_costs.summarize(rows)
+    assert 0 < summary["fused_bytes"] < summary["eager_bytes"]
+    assert {r["kind"] for r in rows} >= {"conv", "bn", "relu", "residual_add", "aggregation_cat"}
+    out = io.StringIO()
+    layer_costs.print_table("dla34", 2, 32, rows, out=out)
+    assert "32x32" in out.getvalue() and "total:" in out.getvalue()
+
+
+def test_profile_training_smoke(tmp_path):
+    """One profiled training step of a tiny DLA on CPU (smoke: CPU op time), eager and accelerated."""
+    import json
+
+    import profile_training
+
+    out = tmp_path / "profile.json"
+    assert profile_training.main(["--smoke", "--models", "dla46_c:2:32", "--providers", "eager,dla_fast",
+                                  "--backend", "torch", "--warmup", "0", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["provider"] for r in results] == ["eager", "dla_fast"]
+    for r in results:
+        assert r["step_ms"] > 0 and r["host_ms"] > 0
+        assert r["by_class_ms"]["conv_fwd"] > 0 and r["by_class_ms"]["batchnorm"] > 0
+        assert any(key.startswith("bwd 32x32") for key in r["conv_by_layer_ms"])
+
+
+def test_convergence_smoke(tmp_path):
+    """The convergence check's three runs (accelerated, eager, eager with another seed) on a tiny CPU task: loss
+    curves of the requested length, the accelerated run equal to the eager one of the same seed (backend torch:
+    the same eager modules), the other seed different."""
+    import json
+
+    import convergence
+
+    out = tmp_path / "convergence.json"
+    assert convergence.main(["--smoke", "--backend", "torch", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    curves = report["curves"]
+    assert sorted(curves) == ["dla_fast", "eager", "eager_seed1"]
+    assert all(len(c) == 4 for c in curves.values())
+    assert curves["dla_fast"] == curves["eager"] and curves["eager_seed1"] != curves["eager"]
+    assert report["max_gap"] == 0.0 and report["within_spread"]

@@ -129,7 +129,9 @@ def test_accelerated_timm_model_folds_every_conv_bn_in_eval(name, block, roots, 
 
 
 @pytest.mark.interpreter
-def test_folded_blocks_run_eager_when_training_or_when_gradients_are_wanted(monkeypatch):
+def test_folded_blocks_do_not_fold_when_training_or_when_gradients_are_wanted(monkeypatch):
+    """No folded call then: with gradients wanted the blocks run conv + the fused BatchNorm op (backend triton;
+    tests/test_accelerate.py checks that path module by module), with backend torch their eager modules."""
     ref = randomize_bn(dla_fast.create_model("dla46_c", num_classes=4)).to(memory_format=torch.channels_last)
     fused = dla_fast.accelerate(copy.deepcopy(ref))  # the same layout: the same eager training step
     counter = FoldCounter(monkeypatch)

@@ -2,8 +2,13 @@
 
 In eval mode, without gradients, each conv + BN [+ residual] [+ ReLU] of the block runs as one convolution
 with the BatchNorm folded into its weight and bias (dla_fast.ops.conv_bn_act: one fused cuDNN call on CUDA).
-In training mode, when gradients are wanted, or with backend 'torch', the module runs the block it replaced,
-unchanged. The folded weights are cached per dtype and device and recomputed whenever a parameter or a
+In training mode, or when gradients are wanted, each conv runs as it is (cuDNN) and its BatchNorm [+ residual]
+[+ ReLU] as one fused autograd op (dla_fast.ops.batchnorm_act: one statistics pass and one normalize pass forward,
+one reduction pass and one input-gradient pass backward, running statistics as nn.BatchNorm2d) when the backend
+for the op "batchnorm_act_training" is not 'torch' (`auto` keeps eager there until a GPU measurement shows the
+fused path faster; backend 'triton' or 'cuda' forces it) and every BatchNorm is a plain nn.BatchNorm2d (a
+SyncBatchNorm's training step stays its own). Otherwise, and with backend 'torch', the module runs the block it
+replaced, unchanged. The folded weights are cached per dtype and device and recomputed whenever a parameter or a
 running statistic changes (PyTorch's version counters and data pointers), or the module's mode is switched;
 an in-place edit through `tensor.data` bypasses the version counters (call `.eval()` again after one), and
 inference tensors (no version counter) are refolded at every call. Hooks registered on the blocks' conv and
@@ -22,7 +27,11 @@ import torch
 import torch.nn as nn
 
 from .. import backend
+from ..ops.batchnorm_act import batchnorm_act
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
+
+# The backend op name of the unfolded path (training, or gradients wanted): conv + fused BatchNorm-act.
+TRAINING_OP_NAME = "batchnorm_act_training"
 
 
 _BATCHNORM_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
@@ -83,6 +92,17 @@ class FoldedConvBN:
         conv = self.conv
         return conv_bias_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu)
 
+    def unfolded(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+        """The training path: the conv module as it is, then its BatchNorm [+ residual] [+ ReLU] as one fused
+        op with nn.BatchNorm2d's semantics (batch statistics and running-statistics update in training).
+        A residual of another dtype than the conv's output (autocast) is cast to it first."""
+        y = self.conv(x)
+        bn = self.bn
+        if residual is not None and residual.dtype != y.dtype:
+            residual = residual.to(y.dtype)
+        return batchnorm_act(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                             bn.training, bn.momentum, bn.eps, residual, relu)
+
 
 def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, *inputs) -> bool:
     """Whether `module` runs this call folded: eval mode, no gradient wanted (of the parameters, of x, of the
@@ -92,6 +112,14 @@ def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, 
     if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         return False
     return backend.resolve(x.device, OP_NAME) != "torch"
+
+
+def fused_training_applies(pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
+    """Whether a call that is not folded runs conv + fused BatchNorm-act: every BatchNorm a plain
+    nn.BatchNorm2d, and the backend for TRAINING_OP_NAME not 'torch'."""
+    if any(type(p.bn).forward is not nn.BatchNorm2d.forward for p in pairs):
+        return False
+    return backend.resolve(x.device, TRAINING_OP_NAME) != "torch"
 
 
 class _Folded(nn.Module):
@@ -140,6 +168,9 @@ class _Folded(nn.Module):
     def folds(self, x: torch.Tensor, *inputs) -> bool:
         return fold_applies(self, self.pairs, x, *inputs)
 
+    def fuses_training(self, x: torch.Tensor) -> bool:
+        return fused_training_applies(self.pairs, x)
+
     def train(self, mode: bool = True):
         for pair in self.pairs:
             pair.clear()
@@ -168,12 +199,16 @@ class _FoldedBlock(_Folded):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None,
                 shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         residual = shortcut if residual is None else residual  # timm names it `shortcut`
-        if not self.folds(x, residual):
+        if self.folds(x, residual):
+            run = [pair.__call__ for pair in self.pairs]
+        elif self.fuses_training(x):
+            run = [pair.unfolded for pair in self.pairs]
+        else:
             return self.original(x, residual)
         out = x
-        for pair in self.pairs[:-1]:
-            out = pair(out)
-        return self.pairs[-1](out, x if residual is None else residual)
+        for step in run[:-1]:
+            out = step(out)
+        return run[-1](out, x if residual is None else residual)
 
 
 class FoldedBasicBlock(_FoldedBlock):
@@ -230,10 +265,14 @@ class FoldedConvBNStack(_Folded):
         return len(self.original)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.folds(x):
+        if self.folds(x):
+            run = [pair.__call__ for pair in self.pairs]
+        elif self.fuses_training(x):
+            run = [pair.unfolded for pair in self.pairs]
+        else:
             return self.original(x)
-        for pair, relu in zip(self.pairs, self.relus):
-            x = pair(x, relu=relu)
+        for step, relu in zip(run, self.relus):
+            x = step(x, relu=relu)
         return x
 
 

@@ -11,11 +11,13 @@ The 1x1 conv weight is [Cout, K] with K = sum C_i in the children's order.
 Kernels (Triton, fp32 accumulation, int64 row offsets):
 - `aggregate_fwd_kernel`: the GEMM; its epilogue either applies BN (+residual) + ReLU with given statistics
   (eval) and/or writes the pre-BN output y together with per-tile channel sums and centred sums of squares
-  (training), merged by `aggregate_stats_merge_kernel` (Chan's parallel variance, deterministic).
+  (training), merged by `aggregate_stats_merge_kernel` (Chan's parallel variance, deterministic), in two levels
+  (`aggregate_stats_group_kernel` first) when there are many row tiles.
 - training forward then normalizes y with the batch statistics (`bn_apply` of dla_fast.ops.batchnorm_act).
-- `aggregate_grad_input_kernel`: grad of every child = dy @ W_i, where dy (the gradient at y) is computed on
-  the fly from grad_out, the saved output (ReLU mask) and y; child 0 also gets the residual's gradient.
-  The programs of the first column tile also store dy for the weight gradient.
+- `aggregate_grad_input_kernel`: grad of every child = dy @ W_i, where dy (the gradient at y) comes from
+  grad_out, the saved output (ReLU mask) and y: computed on the fly when the children fit one column tile (the
+  programs of that column also store dy for the weight gradient), else materialised once by
+  `aggregate_dy_kernel`; child 0 also gets the residual's gradient.
 - `aggregate_grad_weight_kernel`: grad W = dy^T @ [x_1 ... x_n], split over M, partials summed once.
 
 The public entry point is `aggregate(...)`, which picks the implementation with dla_fast.backend
@@ -24,6 +26,7 @@ and `dla_fast::aggregate_bwd`, with fake implementations and registered autograd
 """
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -138,6 +141,32 @@ def aggregate_fwd_kernel(
 
 
 @triton.jit
+def aggregate_stats_group_kernel(part_sum_ptr, part_m2_ptr, group_sum_ptr, group_m2_ptr, M, C, num_tiles,
+                                 TILE_ROWS: tl.constexpr, GROUP_TILES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First level of the two-level statistics merge: grid (tile groups, channel blocks). Each program merges
+    GROUP_TILES consecutive per-tile (sum, centred M2) of TILE_ROWS rows into one (sum, centred M2) over
+    GROUP_TILES * TILE_ROWS rows (Chan: M2 = sum_t M2_t + sum_t n_t (mean_t - mean_group)^2), which
+    aggregate_stats_merge_kernel then merges as tiles of that many rows."""
+    pid_g = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_t = pid_g * GROUP_TILES + tl.arange(0, GROUP_TILES)
+    valid_t = offs_t < num_tiles
+    mask = valid_t[:, None] & mask_c[None, :]
+    rows = tl.minimum(M - offs_t.to(tl.int64) * TILE_ROWS, TILE_ROWS).to(tl.float32)
+    rows = tl.where(valid_t, rows, 0.0)
+    offsets = offs_t[:, None] * C + offs_c[None, :]
+    tile_sum = tl.load(part_sum_ptr + offsets, mask=mask, other=0.0)
+    tile_m2 = tl.load(part_m2_ptr + offsets, mask=mask, other=0.0)
+    total = tl.sum(tile_sum, axis=0)
+    group_mean = total / tl.sum(rows, axis=0)
+    delta = tl.where(mask, tile_sum / tl.where(valid_t, rows, 1.0)[:, None] - group_mean[None, :], 0.0)
+    m2 = tl.sum(tile_m2 + rows[:, None] * delta * delta, axis=0)
+    tl.store(group_sum_ptr + pid_g * C + offs_c, total, mask=mask_c)
+    tl.store(group_m2_ptr + pid_g * C + offs_c, m2, mask=mask_c)
+
+
+@triton.jit
 def aggregate_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
                                running_mean_ptr, running_var_ptr, num_batches_ptr, momentum,
                                M, C, num_tiles, TILE_ROWS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
@@ -179,19 +208,56 @@ def aggregate_stats_merge_kernel(part_sum_ptr, part_m2_ptr, mean_ptr, var_ptr,
 
 
 @triton.jit
+def _dy_tile(tile, mask, offs_co, mask_co, grad_out_ptr, out_ptr, y_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr, var_ptr,
+             gamma_ptr, M, eps, BATCH_STATS: tl.constexpr):
+    """dy, the gradient at the pre-BN y, on one [rows, offs_co] tile (fp32, 0 outside `mask`), from
+    g = grad_out, 0 where out <= 0 (the ReLU mask from the saved output, as threshold_backward: NaN passes):
+      batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
+                          written as k*g + coef_y*y + coef_1 per channel;
+      running statistics: dy = k g."""
+    invstd = tl.rsqrt(tl.load(var_ptr + offs_co, mask=mask_co, other=1.0) + eps)
+    k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
+    grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.where(out <= 0.0, 0.0, grad_out) * k[None, :]
+    if BATCH_STATS:
+        mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
+        sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
+        sum_gx = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0)
+        coef_y = -k * invstd * sum_gx / M
+        coef_1 = k * (mean * invstd * sum_gx - sum_g) / M
+        y = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        dy += y * coef_y[None, :] + coef_1[None, :]
+    return tl.where(mask, dy, 0.0)
+
+
+@triton.jit
+def aggregate_dy_kernel(grad_out_ptr, out_ptr, y_ptr, dy_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr, var_ptr, gamma_ptr,
+                        M, Cout, eps, BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """dy [M, Cout] (see _dy_tile), one tile per program: materialised once when the children's gradient
+    spans several column tiles, instead of recomputed by every column tile of aggregate_grad_input_kernel."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    mask_co = offs_co < Cout
+    mask = (offs_m < M)[:, None] & mask_co[None, :]
+    tile = offs_m[:, None] * Cout + offs_co[None, :]
+    dy = _dy_tile(tile, mask, offs_co, mask_co, grad_out_ptr, out_ptr, y_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr,
+                  var_ptr, gamma_ptr, M, eps, BATCH_STATS)
+    tl.store(dy_ptr + tile, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_n,
                         grad_out_ptr, out_ptr, y_ptr, dy_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr, var_ptr, gamma_ptr,
                         w_ptr, stride_wn, offs_m, mask_m, M, Cout, eps, store_dy,
                         RESIDUAL: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        DY_READY: tl.constexpr):
     """One gradient tile of child i: rows offs_m, its column tile pid_n - tile_start.
 
-    grad x_i = dy @ W[:, k_offset : k_offset + C] with dy, the gradient at the pre-BN y, computed on the fly
-    from g = grad_out where out > 0 (the ReLU mask from the saved output):
-      batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
-                          written as k*g + coef_y*y + coef_1 per channel;
-      running statistics: dy = k g.
-    The programs with store_dy also write dy for the weight gradient.
+    grad x_i = dy @ W[:, k_offset : k_offset + C] with dy, the gradient at the pre-BN y: read from dy_ptr when
+    DY_READY (aggregate_dy_kernel wrote it), else computed on the fly (_dy_tile), and then written by the
+    programs with store_dy for the weight gradient.
     """
     offs_c = (pid_n - tile_start) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -201,22 +267,13 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
         mask_co = offs_co < Cout
         tile = offs_m[:, None] * Cout + offs_co[None, :]
         mask = mask_m[:, None] & mask_co[None, :]
-        invstd = tl.rsqrt(tl.load(var_ptr + offs_co, mask=mask_co, other=1.0) + eps)
-        k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
-        grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.where(out > 0.0, grad_out, 0.0) * k[None, :]
-        if BATCH_STATS:
-            mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
-            sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
-            sum_gx = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0)
-            coef_y = -k * invstd * sum_gx / M
-            coef_1 = k * (mean * invstd * sum_gx - sum_g) / M
-            y = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-            dy += y * coef_y[None, :] + coef_1[None, :]
-        dy = tl.where(mask, dy, 0.0).to(dy_ptr.dtype.element_ty)
-        if store_dy:
-            tl.store(dy_ptr + tile, dy, mask=mask)
+        if DY_READY:
+            dy = tl.load(dy_ptr + tile, mask=mask, other=0.0)
+        else:
+            dy = _dy_tile(tile, mask, offs_co, mask_co, grad_out_ptr, out_ptr, y_ptr, sum_g_ptr, sum_gx_ptr,
+                          mean_ptr, var_ptr, gamma_ptr, M, eps, BATCH_STATS).to(dy_ptr.dtype.element_ty)
+            if store_dy:
+                tl.store(dy_ptr + tile, dy, mask=mask)
         w = tl.load(w_ptr + offs_co[:, None] * stride_wn + k_offset + offs_c[None, :],
                     mask=mask_co[:, None] & mask_c[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
@@ -225,7 +282,7 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
     if RESIDUAL and i == 0:  # the residual's gradient is g itself (child 0 has Cout channels)
         grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(out > 0.0, grad_out, 0.0)
+        acc += tl.where(out <= 0.0, 0.0, grad_out)
     tl.store(grad_ptr + tile, acc.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -238,8 +295,10 @@ def aggregate_grad_input_kernel(
     w_ptr, stride_wn, M, Cout, eps,
     NUM_CHILDREN: tl.constexpr, RESIDUAL: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DY_READY: tl.constexpr = False,
 ):
-    """Grid (row tiles, column tiles of all children side by side): each program owns one child's tile."""
+    """Grid (row tiles, column tiles of all children side by side): each program owns one child's tile.
+    DY_READY: dy_ptr already holds dy (aggregate_dy_kernel); otherwise each program computes it on the fly."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -255,7 +314,8 @@ def aggregate_grad_input_kernel(
                 _grad_child_program(i, start, (g0, g1, g2, g3, g4, g5, g6, g7)[i], C, k_offset, pid_n,
                                     grad_out_ptr, out_ptr, y_ptr, dy_ptr, sum_g_ptr, sum_gx_ptr, mean_ptr,
                                     var_ptr, gamma_ptr, w_ptr, stride_wn, offs_m, mask_m, M, Cout, eps,
-                                    store_dy, RESIDUAL, BATCH_STATS, BLOCK_M, BLOCK_C, BLOCK_CO, DOT_PRECISION)
+                                    store_dy, RESIDUAL, BATCH_STATS, BLOCK_M, BLOCK_C, BLOCK_CO, DOT_PRECISION,
+                                    DY_READY)
             start = end
             k_offset += C
 
@@ -329,9 +389,44 @@ def _tile_sizes(kernel: str, m: int, cout: int, dtype: torch.dtype, device: torc
     if device.type != "cuda":
         return {"fwd": (128, 256, 256), "grad_input": (128, 256, 256), "grad_weight": (256, 256, 128)}[kernel]
     k = 32 if dtype == torch.float32 else 64
+    # grad_input stays 64 x 64 at every Cout: 128 x 128 tiles (8 warps) spilled 136-144 bytes of stack per thread
+    # in this kernel compiled for sm_90 (255 registers; the eight child slots), so they are not used
     return {"fwd": (128 if m >= 4096 else 64, _pow2_clamp(cout, 16, 128), k),
             "grad_input": (64, k, k),
             "grad_weight": (_pow2_clamp(cout, 16, 64), 64, k)}[kernel]
+
+
+def materialise_dy(column_tiles: int) -> bool:
+    """Whether the input gradient reads a materialised dy (aggregate_dy_kernel, one extra [M, Cout] write and
+    read) rather than every one of its `column_tiles` column tiles recomputing dy from grad_out, out and y
+    (three [M, Cout] reads each): from two column tiles on, materialising reads less."""
+    return column_tiles > 1
+
+
+DY_TILE_ELEMENTS = 4096
+
+
+def _dy_tile_shape(cout: int) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_CO) of aggregate_dy_kernel: 4096-value tiles, at most 64 channels wide."""
+    block_co = _pow2_clamp(cout, 16, 64)
+    return DY_TILE_ELEMENTS // block_co, block_co
+
+
+# The batch-statistics merge: narrow channel blocks (many programs); more than STATS_GROUP_TILES row tiles are
+# merged in two levels (groups of STATS_GROUP_TILES tiles in parallel, then the groups), so that no program
+# walks thousands of tiles (level2.root at batch 256: 6,272 tiles -> 98 groups).
+STATS_BLOCK_C = 16
+STATS_GROUP_TILES = 64
+STATS_MAX_BLOCK_T = 256
+
+
+def _stats_merge_shape(tiles: int, tile_rows: int) -> dict:
+    """How the statistics of `tiles` row tiles of `tile_rows` rows are merged: groups (1: one level), and the
+    final merge's tile count, rows per merged tile (constexpr TILE_ROWS) and BLOCK_T."""
+    groups = triton.cdiv(tiles, STATS_GROUP_TILES) if tiles > STATS_GROUP_TILES else 1
+    merged_tiles, merged_rows = (groups, tile_rows * STATS_GROUP_TILES) if groups > 1 else (tiles, tile_rows)
+    return dict(groups=groups, merged_tiles=merged_tiles, tile_rows=merged_rows,
+                block_t=_pow2_clamp(merged_tiles, 16, STATS_MAX_BLOCK_T))
 
 
 def _launch_options(block_elems: int, device: torch.device) -> dict:
@@ -420,12 +515,19 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     batch_mean = torch.empty(cout, **f32)
     batch_var = torch.empty(cout, **f32)
     running_mean, running_var, num_batches, momentum = running or (scratch, scratch, None, 0.0)
-    # Narrow channel blocks, long tile blocks: the merge is latency-bound, so spread it over more programs.
-    aggregate_stats_merge_kernel[(triton.cdiv(cout, 16),)](
+    merge = _stats_merge_shape(tiles_m, block_m)
+    if merge["groups"] > 1:  # two levels: groups of tiles in parallel, then the groups
+        group_sum = torch.empty((merge["groups"], cout), **f32)
+        group_m2 = torch.empty((merge["groups"], cout), **f32)
+        aggregate_stats_group_kernel[(merge["groups"], triton.cdiv(cout, STATS_BLOCK_C))](
+            part_sum, part_m2, group_sum, group_m2, m, cout, tiles_m, TILE_ROWS=block_m,
+            GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)
+        part_sum, part_m2 = group_sum, group_m2
+    aggregate_stats_merge_kernel[(triton.cdiv(cout, STATS_BLOCK_C),)](
         part_sum, part_m2, batch_mean, batch_var, running_mean, running_var,
-        scratch if num_batches is None else num_batches, 0.0 if momentum is None else momentum, m, cout, tiles_m,
-        TILE_ROWS=block_m, UPDATE_RUNNING=running is not None, CUMULATIVE=momentum is None, BLOCK_T=256,
-        BLOCK_C=16)
+        scratch if num_batches is None else num_batches, 0.0 if momentum is None else momentum, m, cout,
+        merge["merged_tiles"], TILE_ROWS=merge["tile_rows"], UPDATE_RUNNING=running is not None,
+        CUMULATIVE=momentum is None, BLOCK_T=merge["block_t"], BLOCK_C=STATS_BLOCK_C)
     bn_apply(y_rows, batch_mean, batch_var, bn_weight, bn_bias, eps, residual2d=rows[0] if residual else None,
              relu=True, impl=impl, out=out_rows)
     return out, preact, batch_mean, batch_var
@@ -454,11 +556,17 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
 
     block_m, block_c, block_co = _tile_sizes("grad_input", m, cout, dtype, device)
     col_tiles = sum(triton.cdiv(c, block_c) for c in counts if c)
+    dy_ready = materialise_dy(col_tiles)
+    if dy_ready:  # one pass writes dy, instead of every column tile recomputing it
+        dy_block_m, dy_block_co = _dy_tile_shape(cout)
+        aggregate_dy_kernel[(triton.cdiv(m, dy_block_m), triton.cdiv(cout, dy_block_co))](
+            g_rows, out_rows, y_rows, dy_rows, sum_g, sum_gx, mean, var, bn_weight, m, cout, eps,
+            BATCH_STATS=batch_stats, BLOCK_M=dy_block_m, BLOCK_CO=dy_block_co)
     aggregate_grad_input_kernel[(triton.cdiv(m, block_m), col_tiles)](
         *grad_ptrs, *counts, g_rows, out_rows, y_rows, dy_rows, sum_g, sum_gx, mean, var, bn_weight,
         w2d, w2d.stride(0), m, cout, eps,
         NUM_CHILDREN=len(children), RESIDUAL=residual, BATCH_STATS=batch_stats,
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision, DY_READY=dy_ready,
         **_launch_options(block_m * block_c, device))
 
     block_wco, block_wc, block_wm = _tile_sizes("grad_weight", m, cout, dtype, device)
@@ -672,3 +780,56 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (INTERFACES §1)
+# --------------------------------------------------------------------------------------------------------
+_AOT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_AOT_COUTS = (16, 32, 64, 128, 256, 512, 1024)  # the output widths of DLA roots (and the narrow test widths)
+_AOT_ROWS = 256 * 56 * 56  # a large batch: the GPU tile choices at scale
+
+
+def kernel_configurations() -> list:
+    """The training-backward kernels this module's launchers pick on the GPU (issue 10: aggregate_dy_kernel,
+    aggregate_stats_group_kernel, aggregate_grad_input_kernel reading a materialised dy), derived from
+    _dy_tile_shape, _tile_sizes and the statistics-merge constants."""
+    from .aot import KernelConfig
+
+    cuda = torch.device("cuda")
+    configs = {}
+    for dtype, tname in _AOT_DTYPES.items():
+        act = f"*{tname}"
+        for cout in _AOT_COUTS:
+            block_m, block_co = _dy_tile_shape(cout)
+            for batch_stats in (True, False):
+                constexprs = dict(BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_CO=block_co)
+                signature = dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32",
+                                 sum_gx_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32",
+                                 M="i32", Cout="i32", eps="fp32", **{k: "constexpr" for k in constexprs})
+                name = f"aggregate_dy_kernel[{tname},{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
+                configs[name] = KernelConfig(name, aggregate_dy_kernel, signature, constexprs)
+            block_m, block_c, block_co = _tile_sizes("grad_input", _AOT_ROWS, cout, dtype, cuda)
+            for children, residual, batch_stats in itertools.product(range(2, MAX_CHILDREN + 1), (False, True),
+                                                                     (True, False)):
+                constexprs = dict(NUM_CHILDREN=children, RESIDUAL=residual, BATCH_STATS=batch_stats,
+                                  BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
+                                  DOT_PRECISION=_dot_precision(dtype), DY_READY=True)
+                signature = {**{f"g{i}": act for i in range(MAX_CHILDREN)},
+                             **{f"c{i}": "i32" for i in range(MAX_CHILDREN)},
+                             "grad_out_ptr": act, "out_ptr": act, "y_ptr": act, "dy_ptr": act, "sum_g_ptr": "*fp32",
+                             "sum_gx_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32", "gamma_ptr": "*fp32",
+                             "w_ptr": act, "stride_wn": "i32", "M": "i32", "Cout": "i32", "eps": "fp32",
+                             **{k: "constexpr" for k in constexprs}}
+                name = (f"aggregate_grad_input_kernel[{tname},"
+                        f"{','.join(f'{k}={v}' for k, v in constexprs.items())}]")
+                configs[name] = KernelConfig(name, aggregate_grad_input_kernel, signature, constexprs,
+                                             needs_wgmma=dtype != torch.float32,
+                                             **_launch_options(block_m * block_c, cuda))
+    for tile_rows in (64, 128):  # the forward kernel's BLOCK_M on the GPU
+        constexprs = dict(TILE_ROWS=tile_rows, GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)
+        signature = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", group_sum_ptr="*fp32", group_m2_ptr="*fp32",
+                         M="i32", C="i32", num_tiles="i32", **{k: "constexpr" for k in constexprs})
+        name = f"aggregate_stats_group_kernel[{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
+        configs[name] = KernelConfig(name, aggregate_stats_group_kernel, signature, constexprs)
+    return list(configs.values())
