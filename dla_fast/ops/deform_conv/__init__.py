@@ -66,3 +66,10 @@ Kernels (dla_fast/ops/deform_conv/kernels.py; fp32 accumulation, int64 addressin
   fp32 partials [splits, kh*kw*Cin, Cout], summed once (no atomics).
 - batch statistics merge: dla_fast.ops.aggregate's `aggregate_stats_merge_kernel`.
 """
+from .launch import kernel_configurations
+from .op import (check_inputs, deform_conv2d, deform_conv2d_backward, deform_conv2d_bwd, deform_conv2d_forward,
+                 deform_conv2d_fwd)
+from .reference import deform_conv2d_reference
+
+__all__ = ["check_inputs", "deform_conv2d", "deform_conv2d_backward", "deform_conv2d_bwd", "deform_conv2d_forward",
+           "deform_conv2d_fwd", "deform_conv2d_reference", "kernel_configurations"]
