@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import backend
-from ..batchnorm_act import batchnorm_act_reference, bn_apply, bn_backward_apply, bn_backward_reduce
+from ..batchnorm_act import batchnorm_act, batchnorm_act_reference, bn_apply, bn_backward_apply, bn_backward_reduce
 from ..common import channels_last, check_channel_vectors, empty_channels_last, fp32_vector, rows_view
 from ..running_stats import check_batch_size, update_running_stats, uses_batch_stats
 from .reference import deform_conv2d_reference
@@ -208,7 +208,8 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
     are updated in place in training (momentum=None: cumulative average). Under autocast the block computes in
     the autocast dtype (fp32 statistics). Returns (N, Cout, Ho, Wo), channels_last. Backend 'torch' (and 'auto'
     on CPU tensors, and fp64) runs `dcn_block_reference`; otherwise the deformable conv runs in the op's Triton
-    kernels and the BatchNorm steps in the `batchnorm_act` building blocks.
+    kernels and the BatchNorm steps in the `batchnorm_act` building blocks. Under torch.compile the block is
+    traced as the op's deform_conv2d custom op (split and sigmoid left to inductor) then `batchnorm_act`.
     """
     geometry = _geometry(stride, padding, dilation)
     check_inputs(x, offset_mask, weight, bias, geometry, bn_weight=bn_weight, bn_bias=bn_bias,
@@ -230,10 +231,15 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
         if momentum is None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         running = (running_mean, running_var, num_batches_tracked, momentum)
+    x, offset_mask, weight, bias = (_cast(t, dtype) for t in (x, offset_mask, weight, bias))
+    if torch.compiler.is_compiling():  # traced: the op's custom ops with autograd, BN + ReLU as batchnorm_act
+        offset, mask = split_offset_mask(offset_mask, weight.shape[2] * weight.shape[3])
+        y = _op().deform_conv2d(x, offset, weight, bias, *geometry, mask)
+        return batchnorm_act(y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                             momentum, eps)
     bn_impl = backend.resolve(x.device, "batchnorm_act")
-    return _DCNBlockFunction.apply(_cast(x, dtype), _cast(offset_mask, dtype), _cast(weight, dtype),
-                                   _cast(bias, dtype), bn_weight, bn_bias, running_mean, running_var, geometry,
-                                   use_batch_stats, eps, running, bn_impl)
+    return _DCNBlockFunction.apply(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                   geometry, use_batch_stats, eps, running, bn_impl)
 
 
 def dcn_block_inference(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
