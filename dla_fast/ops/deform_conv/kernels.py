@@ -59,13 +59,10 @@ def _corners(y, x, H, W, mask_m):
 
 
 @triton.jit
-def _pixel_rows(image_base, y0, x0, W, v00, v01, v10, v11):
-    """int64 NHWC row index of each corner (0 where the corner is invalid, so no address leaves the tensor)."""
-    r00 = tl.where(v00, image_base + y0 * W + x0, 0)
-    r01 = tl.where(v01, image_base + y0 * W + x0 + 1, 0)
-    r10 = tl.where(v10, image_base + (y0 + 1) * W + x0, 0)
-    r11 = tl.where(v11, image_base + (y0 + 1) * W + x0 + 1, 0)
-    return r00, r01, r10, r11
+def _pixel_row(image_base, y0, x0, W):
+    """int64 NHWC row index of the top-left corner; the others are +1, +W, +W+1 (loads of invalid corners are
+    masked off, so their addresses are never dereferenced)."""
+    return image_base + y0 * W + x0
 
 
 @triton.jit
@@ -75,12 +72,12 @@ def _load_corner(x_ptr, rows, valid, Cin, offs_c, mask_c):
 
 
 @triton.jit
-def _sample_tile(x_ptr, r00, r01, r10, r11, v00, v01, v10, v11, w00, w01, w10, w11, Cin, offs_c, mask_c):
+def _sample_tile(x_ptr, r00, W, v00, v01, v10, v11, w00, w01, w10, w11, Cin, offs_c, mask_c):
     """Bilinear samples [BLOCK_M, BLOCK_C] in fp32: sum over corners of weight * value."""
     a = w00[:, None] * _load_corner(x_ptr, r00, v00, Cin, offs_c, mask_c)
-    a += w01[:, None] * _load_corner(x_ptr, r01, v01, Cin, offs_c, mask_c)
-    a += w10[:, None] * _load_corner(x_ptr, r10, v10, Cin, offs_c, mask_c)
-    a += w11[:, None] * _load_corner(x_ptr, r11, v11, Cin, offs_c, mask_c)
+    a += w01[:, None] * _load_corner(x_ptr, r00 + 1, v01, Cin, offs_c, mask_c)
+    a += w10[:, None] * _load_corner(x_ptr, r00 + W, v10, Cin, offs_c, mask_c)
+    a += w11[:, None] * _load_corner(x_ptr, r00 + W + 1, v11, Cin, offs_c, mask_c)
     return a
 
 
@@ -128,11 +125,11 @@ def deform_conv_fwd_kernel(
                                               mask_mode, b, ho, wo, mask_m, group, tap, taps, KW, H, W,
                                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
-        r00, r01, r10, r11 = _pixel_rows(image_base, y0, x0, W, v00, v01, v10, v11)
+        r00 = _pixel_row(image_base, y0, x0, W)
         offs_k = c0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < Cg
         channels = group * Cg + offs_k
-        a = _sample_tile(x_ptr, r00, r01, r10, r11, v00, v01, v10, v11,
+        a = _sample_tile(x_ptr, r00, W, v00, v01, v10, v11,
                          (1.0 - ly) * (1.0 - lx) * modulation, (1.0 - ly) * lx * modulation,
                          ly * (1.0 - lx) * modulation, ly * lx * modulation, Cin, channels, mask_k)
         w_tile = tl.load(w_ptr + (tap * Cin + channels)[:, None].to(tl.int64) * Cout + offs_n[None, :],
@@ -171,9 +168,10 @@ def deform_conv_grad_sample_kernel(
     dcol[m, c] = sum_n grad_out[m, n] * Wp[tap*Cin + c, n] for the group's channels, BLOCK_C at a time. Then
     - input_grad: grad_in (fp32 NHWC rows) += dcol * modulation * corner weight at each valid corner (atomics:
       samples of different rows and taps land on the same pixels);
-    - offset_grad: d/dy = modulation * sum_c dcol * ((1-lx)(v10 - v00) + lx (v11 - v01)), d/dx likewise with
-      (1-ly)(v01 - v00) + ly (v11 - v10), d/dmask = sum_c dcol * sample (times s(1-s) in mask_mode 2), reduced
-      in registers over the group's channels (the program owns these outputs: no atomics).
+    - offset_grad: with s_k = sum_c dcol * v_k over the group's channels for the corners k (reduced in
+      registers: the program owns these outputs, no atomics), d/dy = modulation * ((1-lx)(s10 - s00) +
+      lx (s11 - s01)), d/dx = modulation * ((1-ly)(s01 - s00) + ly (s11 - s10)), d/dmask = sum_k w_k s_k
+      (times s(1-s) in mask_mode 2).
     """
     pid_m = tl.program_id(0)
     pid_tg = tl.program_id(1)
@@ -186,14 +184,13 @@ def deform_conv_grad_sample_kernel(
                                             mask_mode, b, ho, wo, mask_m, group, tap, taps, KW, H, W,
                                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
-    r00, r01, r10, r11 = _pixel_rows(b * H * W, y0, x0, W, v00, v01, v10, v11)
-    w00 = (1.0 - ly) * (1.0 - lx)
-    w01 = (1.0 - ly) * lx
-    w10 = ly * (1.0 - lx)
-    w11 = ly * lx
-    grad_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    grad_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    grad_m = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    r00 = _pixel_row(b * H * W, y0, x0, W)
+    # Per-corner channel sums s_k = sum_c dcol * value_k: the offset and mask gradients are combinations of
+    # these four row vectors (formed after the loop), which keeps the loop's live row vectors few.
+    s00 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s01 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s10 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s11 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < Cg
@@ -210,26 +207,29 @@ def deform_conv_grad_sample_kernel(
         if input_grad:
             dmod = dcol * modulation[:, None]
             mask_2d = mask_c[None, :]
-            targets = grad_in_ptr + offs_c[None, :] + group * Cg
-            tl.atomic_add(targets + r00[:, None] * Cin, dmod * w00[:, None], mask=v00[:, None] & mask_2d)
-            tl.atomic_add(targets + r01[:, None] * Cin, dmod * w01[:, None], mask=v01[:, None] & mask_2d)
-            tl.atomic_add(targets + r10[:, None] * Cin, dmod * w10[:, None], mask=v10[:, None] & mask_2d)
-            tl.atomic_add(targets + r11[:, None] * Cin, dmod * w11[:, None], mask=v11[:, None] & mask_2d)
+            targets = grad_in_ptr + channels[None, :]
+            tl.atomic_add(targets + r00[:, None] * Cin, dmod * ((1.0 - ly) * (1.0 - lx))[:, None],
+                          mask=v00[:, None] & mask_2d, sem="relaxed")
+            tl.atomic_add(targets + (r00 + 1)[:, None] * Cin, dmod * ((1.0 - ly) * lx)[:, None],
+                          mask=v01[:, None] & mask_2d, sem="relaxed")
+            tl.atomic_add(targets + (r00 + W)[:, None] * Cin, dmod * (ly * (1.0 - lx))[:, None],
+                          mask=v10[:, None] & mask_2d, sem="relaxed")
+            tl.atomic_add(targets + (r00 + W + 1)[:, None] * Cin, dmod * (ly * lx)[:, None],
+                          mask=v11[:, None] & mask_2d, sem="relaxed")
         if offset_grad:
-            p00 = _load_corner(x_ptr, r00, v00, Cin, channels, mask_c)
-            p01 = _load_corner(x_ptr, r01, v01, Cin, channels, mask_c)
-            p10 = _load_corner(x_ptr, r10, v10, Cin, channels, mask_c)
-            p11 = _load_corner(x_ptr, r11, v11, Cin, channels, mask_c)
-            sample = w00[:, None] * p00 + w01[:, None] * p01 + w10[:, None] * p10 + w11[:, None] * p11
-            grad_m += tl.sum(dcol * sample, axis=1)
-            grad_y += tl.sum(dcol * ((1.0 - lx)[:, None] * (p10 - p00) + lx[:, None] * (p11 - p01)), axis=1)
-            grad_x += tl.sum(dcol * ((1.0 - ly)[:, None] * (p01 - p00) + ly[:, None] * (p11 - p10)), axis=1)
+            s00 += tl.sum(dcol * _load_corner(x_ptr, r00, v00, Cin, channels, mask_c), axis=1)
+            s01 += tl.sum(dcol * _load_corner(x_ptr, r00 + 1, v01, Cin, channels, mask_c), axis=1)
+            s10 += tl.sum(dcol * _load_corner(x_ptr, r00 + W, v10, Cin, channels, mask_c), axis=1)
+            s11 += tl.sum(dcol * _load_corner(x_ptr, r00 + W + 1, v11, Cin, channels, mask_c), axis=1)
     if offset_grad:
+        grad_y = ((1.0 - lx) * (s10 - s00) + lx * (s11 - s01)) * modulation
+        grad_x = ((1.0 - ly) * (s01 - s00) + ly * (s11 - s10)) * modulation
         ch = 2 * (group * taps + tap)
         goff = grad_off_ptr + b * go_b + ho * go_h + wo * go_w
-        tl.store(goff + ch * go_c, (grad_y * modulation).to(grad_off_ptr.dtype.element_ty), mask=mask_m)
-        tl.store(goff + (ch + 1) * go_c, (grad_x * modulation).to(grad_off_ptr.dtype.element_ty), mask=mask_m)
+        tl.store(goff + ch * go_c, grad_y.to(grad_off_ptr.dtype.element_ty), mask=mask_m)
+        tl.store(goff + (ch + 1) * go_c, grad_x.to(grad_off_ptr.dtype.element_ty), mask=mask_m)
         if mask_mode != 0:
+            grad_m = ((1.0 - ly) * ((1.0 - lx) * s00 + lx * s01) + ly * ((1.0 - lx) * s10 + lx * s11))
             if mask_mode == 2:
                 grad_m = grad_m * modulation * (1.0 - modulation)
             tl.store(grad_mask_ptr + b * gm_b + (group * taps + tap) * gm_c + ho * gm_h + wo * gm_w,
@@ -247,7 +247,8 @@ def deform_conv_grad_weight_kernel(
     """partial[split, tap*Cin + c, n] = sum over the split's rows m of sample[m, tap, c] * grad_out[m, n].
 
     Grid (taps * G * cdiv(Cg, BLOCK_C), cdiv(Cout, BLOCK_CO), splits): the samples are recomputed in registers
-    (compute dtype, as in the forward) and multiplied with tl.dot(A^T, grad_out); the caller sums the fp32
+    (compute dtype, as in the forward) and multiplied as tl.dot(grad_out^T, A) (= (A^T grad_out)^T, so that
+    Cout, >= 64, is the tensor-core M dimension); the caller sums the fp32
     partials over the splits once.
     """
     pid_k = tl.program_id(0)
@@ -264,7 +265,7 @@ def deform_conv_grad_weight_kernel(
     mask_co = offs_co < Cout
     row_start = pid_s.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
-    acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)  # transposed: Cout is the wgmma M dimension
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
@@ -273,12 +274,12 @@ def deform_conv_grad_weight_kernel(
                                               mask_mode, b, ho, wo, mask_m, group, tap, taps, KW, H, W,
                                               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
-        r00, r01, r10, r11 = _pixel_rows(b * H * W, y0, x0, W, v00, v01, v10, v11)
-        a = _sample_tile(x_ptr, r00, r01, r10, r11, v00, v01, v10, v11,
+        r00 = _pixel_row(b * H * W, y0, x0, W)
+        a = _sample_tile(x_ptr, r00, W, v00, v01, v10, v11,
                          (1.0 - ly) * (1.0 - lx) * modulation, (1.0 - ly) * lx * modulation,
                          ly * (1.0 - lx) * modulation, ly * lx * modulation, Cin, channels, mask_c)
-        g = tl.load(grad_out_ptr + offs_m[:, None] * Cout + offs_co[None, :],
-                    mask=mask_m[:, None] & mask_co[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a.to(grad_out_ptr.dtype.element_ty)), g, acc, input_precision=DOT_PRECISION)
-    tl.store(partial_ptr + (pid_s.to(tl.int64) * taps * Cin + tap * Cin + channels)[:, None] * Cout
-             + offs_co[None, :], acc, mask=mask_c[:, None] & mask_co[None, :])
+        g_t = tl.load(grad_out_ptr + offs_m[None, :] * Cout + offs_co[:, None],
+                      mask=mask_m[None, :] & mask_co[:, None], other=0.0)
+        acc = tl.dot(g_t, a.to(grad_out_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+    tl.store(partial_ptr + (pid_s.to(tl.int64) * taps * Cin + tap * Cin + channels)[None, :] * Cout
+             + offs_co[:, None], acc, mask=mask_c[None, :] & mask_co[:, None])

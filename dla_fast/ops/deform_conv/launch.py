@@ -27,33 +27,46 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _channel_block(channels_per_group: int) -> int:
-    return 32 if channels_per_group <= 32 else 64
+# kernel name -> tiles, set by tests so that tiny interpreter shapes still span several tiles and chunks
+TILE_OVERRIDES: dict = {}
 
 
 def fwd_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of deform_conv_fwd_kernel; fp32 keeps K chunks of 32 (register budget)."""
-    block_k = 32 if dtype == torch.float32 else _channel_block(channels_per_group)
-    return 128, 64 if cout <= 64 else 128, block_k
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of deform_conv_fwd_kernel. The gathered A tile (four corner loads per
+    element) competes with the accumulator for registers: a 128-wide N tile takes K chunks of 16."""
+    if "fwd" in TILE_OVERRIDES:
+        return TILE_OVERRIDES["fwd"]
+    if dtype == torch.float32:  # fp32 operands take twice the registers (IEEE dots: FMA tiles)
+        return 128, 64, 16
+    return (128, 64, 32) if cout <= 64 else (128, 128, 16)
 
 
 def grad_sample_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, BLOCK_CO) of deform_conv_grad_sample_kernel."""
-    return 64, _channel_block(channels_per_group), 32 if dtype == torch.float32 else 64
+    """(BLOCK_M, BLOCK_C, BLOCK_CO) of deform_conv_grad_sample_kernel (BLOCK_CO is the dot's K)."""
+    if "grad_sample" in TILE_OVERRIDES:
+        return TILE_OVERRIDES["grad_sample"]
+    return 64, 16, 32 if dtype == torch.float32 else 64
 
 
 def grad_weight_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_CO, BLOCK_M) of deform_conv_grad_weight_kernel (BLOCK_M is the dot's K)."""
-    return _channel_block(channels_per_group), 64 if cout <= 64 else 128, 32 if dtype == torch.float32 else 64
+    """(BLOCK_C, BLOCK_CO, BLOCK_M) of deform_conv_grad_weight_kernel (BLOCK_CO is the wgmma M dimension,
+    BLOCK_M the dot's K)."""
+    if "grad_weight" in TILE_OVERRIDES:
+        return TILE_OVERRIDES["grad_weight"]
+    block_co = 64 if cout <= 64 else 128
+    if dtype == torch.float32:
+        return 32, block_co, 16
+    return 64 if channels_per_group > 32 and block_co == 64 else 32, block_co, 64
 
 
-def launch_options(tile_elems: int) -> dict:
-    """num_warps / num_stages for an output tile of tile_elems fp32 accumulators (ignored by the interpreter)."""
-    return dict(num_warps=8 if tile_elems >= 128 * 128 else 4, num_stages=2)
+def launch_options(kernel: str, tiles: Tuple[int, int, int]) -> dict:
+    """num_warps / num_stages of a kernel's tile choice (ignored by the interpreter), the largest that compile
+    for sm_90 without register spills (benchmarks/NOTES.md-style table in the branch report)."""
+    return dict(num_warps=4 if kernel == "fwd" else 8, num_stages=2)
 
 
-def _grid_options(device: torch.device, tile_elems: int) -> dict:
-    return launch_options(tile_elems) if device.type == "cuda" else {}
+def _grid_options(device: torch.device, kernel: str, tiles: Tuple[int, int, int]) -> dict:
+    return launch_options(kernel, tiles) if device.type == "cuda" else {}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,7 +142,7 @@ def forward_triton(input: torch.Tensor, offset: torch.Tensor, mask: Optional[tor
         rows_view(out), part_sum, part_m2, *geo.sizes(), *geo.offset_mask_strides(), *geo.conv,
         mask_mode, bias is not None, scale is not None, relu, stats,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(dtype),
-        **_grid_options(device, block_m * block_n))
+        **_grid_options(device, "fwd", (block_m, block_n, block_k)))
     if not stats:
         return out, torch.empty(0, **f32), torch.empty(0, **f32)
     mean = torch.empty(geo.cout, **f32)
@@ -181,7 +194,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
             *geo.sizes(), *geo.offset_mask_strides(), *goff_strides, *gmask_strides, *geo.conv,
             mask_mode, need_input, need_offset,
             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision,
-            **_grid_options(device, block_m * block_c))
+            **_grid_options(device, "grad_sample", (block_m, block_c, block_co)))
         if need_input:
             grad_input = grad_input32.to(dtype)
     if need_weight:
@@ -196,7 +209,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
             x_rows, geo.offset, geo.mask_or_offset(), g_rows, partial, *geo.sizes(), rows_per_split,
             *geo.offset_mask_strides(), *geo.conv, mask_mode,
             BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_M=block_m, DOT_PRECISION=precision,
-            **_grid_options(device, block_c * block_co))
+            **_grid_options(device, "grad_weight", (block_c, block_co, block_m)))
         packed = partial[0] if splits == 1 else partial.sum(0)
         kh = geo.taps // geo.kw
         grad_weight = packed.view(kh, geo.kw, geo.cin, geo.cout).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
@@ -244,7 +257,7 @@ def kernel_configurations() -> List["KernelConfig"]:
                     configs[("fwd", t, precision, bm, bn, bk)] = KernelConfig(
                         f"deform_conv_fwd_kernel[{t},BLOCK_M={bm},BLOCK_N={bn},BLOCK_K={bk},{precision}]",
                         deform_conv_fwd_kernel, _signature(pointers, ints, constexprs), constexprs,
-                        needs_wgmma=dtype != torch.float32, **launch_options(bm * bn))
+                        needs_wgmma=dtype != torch.float32, **launch_options("fwd", (bm, bn, bk)))
 
                     bm, bc, bco = grad_sample_tiles(cg, cout, dtype)
                     constexprs = dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_CO=bco, DOT_PRECISION=precision)
@@ -256,7 +269,7 @@ def kernel_configurations() -> List["KernelConfig"]:
                     configs[("grad_sample", t, precision, bm, bc, bco)] = KernelConfig(
                         f"deform_conv_grad_sample_kernel[{t},BLOCK_M={bm},BLOCK_C={bc},BLOCK_CO={bco},{precision}]",
                         deform_conv_grad_sample_kernel, _signature(pointers, ints, constexprs), constexprs,
-                        needs_wgmma=dtype != torch.float32, **launch_options(bm * bc))
+                        needs_wgmma=dtype != torch.float32, **launch_options("grad_sample", (bm, bc, bco)))
 
                     bc, bco, bm = grad_weight_tiles(cg, cout, dtype)
                     constexprs = dict(BLOCK_C=bc, BLOCK_CO=bco, BLOCK_M=bm, DOT_PRECISION=precision)
@@ -266,5 +279,5 @@ def kernel_configurations() -> List["KernelConfig"]:
                     configs[("grad_weight", t, precision, bc, bco, bm)] = KernelConfig(
                         f"deform_conv_grad_weight_kernel[{t},BLOCK_C={bc},BLOCK_CO={bco},BLOCK_M={bm},{precision}]",
                         deform_conv_grad_weight_kernel, _signature(pointers, ints, constexprs), constexprs,
-                        needs_wgmma=dtype != torch.float32, **launch_options(bc * bco))
+                        needs_wgmma=dtype != torch.float32, **launch_options("grad_weight", (bc, bco, bm)))
     return list(configs.values())
