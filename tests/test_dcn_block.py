@@ -133,8 +133,9 @@ def test_fused_ida_step_with_deformable_convs_trains_like_the_eager_one(monkeypa
 
 
 def test_centernet_with_dcn_equals_itself_after_accelerate(monkeypatch):
-    """centernet_dla34(dcn=True): same eval output before and after accelerate() with the DCN kernels running, the
-    state_dict keys unchanged (a CenterNet-layout checkpoint loads strictly), restore() gives the modules back."""
+    """centernet_dla34(dcn=True): same eval output before and after accelerate() with the DCN kernels running (every
+    deformable IDA conv folded with its BatchNorm: one kernel each), the state_dict keys unchanged (a
+    CenterNet-layout checkpoint loads strictly), restore() gives the modules back."""
     ref = _perturb_dcn(dla_fast.create_model("centernet_dla34", dcn=True, heads={"hm": 3, "wh": 2}, head_conv=16))
     ref.eval()
     fused = copy.deepcopy(ref)
@@ -153,6 +154,7 @@ def test_centernet_with_dcn_equals_itself_after_accelerate(monkeypatch):
     for name in expected:
         assert_close(out[name], expected[name], 1e-5, f"eval head {name}")
     assert counter.names.count(FWD_KERNEL) == 2 * (1 + 2 + 3 + 2)  # proj + node of every IDA step
+    assert "bn_apply_kernel" not in counter.names  # every DCN block ran folded, ReLU in the conv's epilogue
     dla_fast.restore(fused)
     assert all(fused.get_submodule(n) is m for n, m in originals.items())
     fused.load_state_dict(checkpoint, strict=True)
@@ -194,3 +196,20 @@ def test_standalone_dcn_block_and_torchvision_deform_conv_are_swapped(monkeypatc
     assert counter.names.count(FWD_KERNEL) == 2 and BWD_KERNELS[0] in counter.names
     dla_fast.restore(model)
     assert all(model[n] is m for n, m in originals.items())
+
+
+def test_block_rejects_bad_inputs_with_clear_errors():
+    from dla_fast.ops.deform_conv.block import dcn_block
+
+    x, weight, bias = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+    bn = [torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.rand(6) + 0.5]
+    with pytest.raises(ValueError, match=r"offset_mask must have shape \(1, 27, 5, 5\)"):
+        dcn_block(x, torch.randn(1, 18, 5, 5), weight, bias, *bn)
+    with pytest.raises(ValueError, match="input has 3 channels"):
+        dcn_block(x[:, :3], torch.randn(1, 27, 5, 5), weight, bias, *bn)
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        dcn_block(x.long(), torch.randn(1, 27, 5, 5), weight, bias, *bn)
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(6,\)"):
+        dcn_block(x, torch.randn(1, 27, 5, 5), weight, bias, bn[0], bn[1], torch.randn(5), bn[3])
+    with dla_fast.use_backend("triton"), pytest.raises(dla_fast.BackendUnavailable, match="float64"):
+        dcn_block(x.double(), torch.randn(1, 27, 5, 5).double(), weight.double(), bias.double(), *bn)
