@@ -65,6 +65,12 @@ Kernels (dla_fast/ops/deform_conv/kernels.py; fp32 accumulation, int64 addressin
 - `deform_conv_grad_weight_kernel`: samples recomputed, tl.dot(A^T, grad_out) over a split of the rows into
   fp32 partials [splits, kh*kw*Cin, Cout], summed once (no atomics).
 - batch statistics merge: dla_fast.ops.aggregate's `aggregate_stats_merge_kernel`.
+Tile sizes and warps (launch.py, the only place they are chosen; `kernel_configurations()` lists every one for
+the ahead-of-time sm_90 check): the largest that compile for sm_90 without register spills, the four-corner
+gather of the A tile being what competes with the accumulator for registers. Speed is unmeasured (no GPU yet).
+
+Module layout: reference.py (eager reference), kernels.py (Triton), launch.py (tiles, launchers, configurations),
+op.py (validation, custom ops, autograd, public entry points), block.py (the fused CenterNet DCN block).
 """
 from .launch import kernel_configurations
 from .op import (check_inputs, deform_conv2d, deform_conv2d_backward, deform_conv2d_bwd, deform_conv2d_forward,

@@ -140,7 +140,7 @@ def forward_triton(input: torch.Tensor, offset: torch.Tensor, mask: Optional[tor
         nhwc_rows(input), geo.offset, geo.mask_or_offset(), pack_weight(weight, dtype),
         scratch if bias is None else bias, scratch if scale is None else scale, scratch if shift is None else shift,
         rows_view(out), part_sum, part_m2, *geo.sizes(), *geo.offset_mask_strides(), *geo.conv,
-        mask_mode, bias is not None, scale is not None, relu, stats,
+        mask_mode, int(bias is not None), int(scale is not None), int(relu), int(stats),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(dtype),
         **_grid_options(device, "fwd", (block_m, block_n, block_k)))
     if not stats:
@@ -166,10 +166,10 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
     grad_bias = (grad_out.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype) if need_bias else None)
     grad_input = grad_offset = grad_mask = grad_weight = None
     if geo.m == 0:
-        return (torch.zeros_like(input) if need_input else None,
-                torch.zeros_like(offset) if need_offset else None,
-                torch.zeros_like(mask) if need_offset and mask is not None else None,
-                torch.zeros_like(weight) if need_weight else None, grad_bias)
+        return (torch.zeros_like(input, memory_format=torch.channels_last) if need_input else None,
+                torch.zeros(offset.shape, dtype=offset.dtype, device=device) if need_offset else None,
+                torch.zeros(mask.shape, dtype=mask.dtype, device=device) if need_offset and mask is not None else None,
+                torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_weight else None, grad_bias)
     x_rows = nhwc_rows(input)
     g_rows = nhwc_rows(grad_out.to(dtype))
     precision = dot_precision(dtype)
@@ -192,7 +192,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
             rows_view(grad_input32) if need_input else scratch,
             grad_offset if need_offset else scratch, gmask if gmask is not None else scratch,
             *geo.sizes(), *geo.offset_mask_strides(), *goff_strides, *gmask_strides, *geo.conv,
-            mask_mode, need_input, need_offset,
+            mask_mode, int(need_input), int(need_offset),
             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision,
             **_grid_options(device, "grad_sample", (block_m, block_c, block_co)))
         if need_input:
