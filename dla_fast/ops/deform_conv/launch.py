@@ -187,10 +187,11 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
         goff_strides = grad_offset.stride() if need_offset else (0, 0, 0, 0)
         gmask_strides = gmask.stride() if gmask is not None else (0, 0, 0, 0)
         block_m, block_c, block_co = grad_sample_tiles(geo.cg, geo.cout, dtype)
+        # Pointers a launch never writes (flag off) get tensors of the dtype the kernel variant expects.
         deform_conv_grad_sample_kernel[(triton.cdiv(geo.m, block_m), geo.taps * geo.groups)](
             x_rows, geo.offset, geo.mask_or_offset(), pack_weight(weight, dtype), g_rows,
             rows_view(grad_input32) if need_input else scratch,
-            grad_offset if need_offset else scratch, gmask if gmask is not None else scratch,
+            grad_offset if need_offset else geo.offset, gmask if gmask is not None else geo.mask_or_offset(),
             *geo.sizes(), *geo.offset_mask_strides(), *goff_strides, *gmask_strides, *geo.conv,
             mask_mode, int(need_input), int(need_offset),
             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision,
