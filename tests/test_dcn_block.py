@@ -15,7 +15,7 @@ import dla_fast
 from dla_fast.models.centernet import IDAConv, IDAUpAdd
 from dla_fast.nn import FusedDCNBlock, FusedDeformConv2d, FusedIDAUpAdd
 
-from helpers import assert_close, poisoned_allocations, randomize_bn
+from helpers import assert_close, poisoned_allocations, randomize_bn, rel_err
 from test_accelerate import LaunchCounter
 
 torchvision = pytest.importorskip("torchvision")
@@ -108,6 +108,34 @@ def test_fused_block_eval_folds_and_refolds(monkeypatch):
     _compare_grads(fused, ref, "eval")
     _compare_buffers(fused, ref, "eval")
     assert FWD_KERNEL in counter.names and BWD_KERNELS[0] in counter.names
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fused_block_fp16_error_within_twice_eager_fp16(training):
+    """fp16 (folded in eval, batch statistics in training): the error against an fp64 run of the eager block is at
+    most twice eager fp16's own, for the output and every gradient (the deformable conv's bias, whose gradient
+    is exactly zero before a training-mode BatchNorm, has no relative error to compare)."""
+    block = _perturb_dcn(IDAConv(12, 10, deformable=True)).train(training)
+    x, grad = torch.randn(2, 12, 6, 7), torch.randn(2, 10, 6, 7)
+    runs = []
+    for dtype, kernels in ((torch.float64, "torch"), (torch.float16, "torch"), (torch.float16, "triton")):
+        module = copy.deepcopy(block).to(dtype)
+        if kernels == "triton":
+            module = FusedDCNBlock(module)
+        xi = x.to(dtype).requires_grad_(training)
+        with dla_fast.use_backend(kernels), torch.set_grad_enabled(training):
+            out = module(xi)
+            if training:
+                out.backward(grad.to(dtype))
+        runs.append((out, xi, module))
+    (ref, x_ref, m_ref), (eager, x_eager, m_eager), (fused, x_fused, m_fused) = runs
+    pairs = [("output", fused, eager, ref)]
+    if training:
+        pairs.append(("grad of the input", x_fused.grad, x_eager.grad, x_ref.grad))
+        pairs += [(f"grad of {n}", p.grad, e.grad, r.grad) for (n, r), e, p in
+                  zip(m_ref.named_parameters(), m_eager.parameters(), m_fused.parameters()) if n != "conv.bias"]
+    for what, a, e, r in pairs:
+        assert rel_err(a, r) <= 2 * rel_err(e, r), f"{what}: fp16 error {rel_err(a, r):.3g}, eager {rel_err(e, r):.3g}"
 
 
 def test_fused_ida_step_with_deformable_convs_trains_like_the_eager_one(monkeypatch):
