@@ -92,7 +92,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_matches_torchvision(case, monkeypatch):
     """Output within 1e-5 relative; every gradient within 2x torchvision-fp32's own error against fp64
-    torchvision (never under 4 fp32 ulps of the largest value: both are sums of the same rounded terms)."""
+    torchvision; the Triton kernels really ran (forward, grad-sample and grad-weight launches)."""
     *shape, with_mask, channels_last = CASES[case]
     b, cin, h, w, cout, k, stride, padding, dilation, groups = shape
     tensors = _make(b, cin, h, w, cout, k, stride, padding, dilation, groups, with_mask, channels_last=channels_last)
@@ -109,7 +109,7 @@ def test_fp32_matches_torchvision(case, monkeypatch):
     assert out.dtype == torch.float32
     assert rel_err(out, exact_out) < 1e-5
     for name, exact in exact_grads.items():
-        allowed = max(2 * rel_err(tv_grads[name], exact), 4 * torch.finfo(torch.float32).eps)
+        allowed = 2 * rel_err(tv_grads[name], exact)
         assert rel_err(grads[name], exact) <= allowed, f"grad of {name}"
 
 
