@@ -244,10 +244,12 @@ def _bad_inputs():  # every call pads by 1 (output 5x5)
     t = _make(2, 4, 5, 5, 3, 3, 1, 1, 1, 1, True)
     x, off, w, b, m = t["input"], t["offset"], t["weight"], t["bias"], t["mask"]
     return {
-        "offset-shape": ((x, off[:, :17], w, b), {"mask": m}, ValueError, r"offset must have shape .*\(2, 18\*G, 5, 5\)"),
+        "offset-shape": ((x, off[:, :17], w, b), {"mask": m}, ValueError,
+                         r"offset must have shape .*\(2, 18\*G, 5, 5\)"),
         "offset-size": ((x, off[..., :4], w, b), {"mask": m}, ValueError, r"offset must have shape"),
         "mask-shape": ((x, off, w, b), {"mask": m[:, :8]}, ValueError, r"mask must have shape .*\(2, 9, 5, 5\)"),
-        "channel-mismatch": ((x, off, torch.randn(3, 3, 3, 3), b), {}, ValueError, "does not fit the input's 4 channels"),
+        "channel-mismatch": ((x, off, torch.randn(3, 3, 3, 3, device=DEVICE), b), {}, ValueError,
+                             "does not fit the input's 4 channels"),
         "groups": ((x, off, w[:, :2], b), {}, ValueError, r"weight groups = 2 .* not supported"),
         "integer-input": ((x.long(), off, w, b), {}, TypeError, "input has dtype torch.int64"),
         "integer-offset": ((x, off.int(), w, b), {}, TypeError, "offset has dtype torch.int32"),

@@ -82,7 +82,8 @@ def check_inputs(input: torch.Tensor, weight: torch.Tensor, offset: Optional[tor
         if (om.dim() != 4 or groups == 0 or om.shape[1] != 3 * groups * taps or cin % groups != 0
                 or tuple(om.shape[::2]) != (b, ho) or om.shape[3] != wo):
             raise ValueError(f"deform_conv2d: offset_mask must have shape (B, 3*G*kh*kw, Ho, Wo) = ({b}, "
-                             f"{3 * taps}*G, {ho}, {wo}) with G offset groups dividing Cin={cin}; got {tuple(om.shape)}")
+                             f"{3 * taps}*G, {ho}, {wo}) with G offset groups dividing Cin={cin}; "
+                             f"got {tuple(om.shape)}")
     else:
         _check_tensor(offset, "offset", device)
         groups = offset.shape[1] // (2 * taps) if offset.dim() == 4 else 0
@@ -108,7 +109,8 @@ def check_inputs(input: torch.Tensor, weight: torch.Tensor, offset: Optional[tor
     if grad_out is not None:
         _check_tensor(grad_out, "grad_out", device)
         if tuple(grad_out.shape) != (b, cout, ho, wo):
-            raise ValueError(f"deform_conv2d: grad_out must have shape {(b, cout, ho, wo)}; got {tuple(grad_out.shape)}")
+            raise ValueError(f"deform_conv2d: grad_out must have shape {(b, cout, ho, wo)}; "
+                             f"got {tuple(grad_out.shape)}")
     return stride, padding, dilation
 
 
