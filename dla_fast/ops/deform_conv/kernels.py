@@ -35,8 +35,9 @@ def _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h,
     if mask_mode != 0:
         raw = tl.load(mask_ptr + b * sm_b + (group * taps + tap) * sm_c + ho * sm_h + wo * sm_w,
                       mask=mask_m, other=0.0).to(tl.float32)
-        if mask_mode == 2:
-            modulation = 1.0 / (1.0 + tl.exp(-raw))
+        if mask_mode == 2:  # sigmoid without overflow: exp of a non-positive number
+            e = tl.exp(-tl.abs(raw))
+            modulation = tl.where(raw >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         else:
             modulation = raw
     return y, x, modulation, raw
