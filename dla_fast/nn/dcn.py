@@ -55,7 +55,8 @@ class FoldedDCN(FoldedConvBN):
     (fp32 fold, cached per dtype like FoldedConvBN), ReLU in the kernel's epilogue. Not a module: it refers
     to modules owned by its parent."""
 
-    def __init__(self, conv: ModulatedDeformConv3x3, bn: nn.BatchNorm2d):  # noqa: super() checks for nn.Conv2d
+    def __init__(self, conv: ModulatedDeformConv3x3, bn: nn.BatchNorm2d):
+        # FoldedConvBN's own __init__ takes only plain nn.Conv2d: the pair is checked here instead
         reason = dcn_unsupported(conv, bn)
         if reason:
             raise ValueError(f"cannot fuse this deformable conv and BatchNorm: {reason}")

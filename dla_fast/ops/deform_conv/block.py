@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ... import backend
 from ..batchnorm_act import batchnorm_act, batchnorm_act_reference, bn_apply, bn_backward_apply, bn_backward_reduce
@@ -78,7 +77,8 @@ def _op():
 
 def _conv_forward(x, offset_mask, weight, bias, geometry, relu: bool, stats: bool):
     """(y, batch_mean, batch_var): y = [relu](deform_conv2d(x, split(offset_mask), weight, bias)), (N, Cout, Ho,
-    Wo) channels_last in x's dtype, one kernel; with stats the fp32 [Cout] mean and biased variance of y."""
+    Wo) channels_last in x's dtype, one kernel; with stats also the fp32 [Cout] mean and biased variance of y
+    (reduced in the kernel's epilogue, merged by one small kernel)."""
     y, mean, var = _op().deform_conv2d_forward(x, weight, bias, *geometry, offset_mask=offset_mask, relu=relu,
                                                stats=stats)
     return y, mean, var
@@ -129,14 +129,14 @@ class _DCNBlockFunction(torch.autograd.Function):
         bn_weight32, bn_bias32 = fp32_vector(bn_weight), fp32_vector(bn_bias)
         out = empty_channels_last(shape, y.dtype, y.device)
         bn_apply(rows_view(y), mean, var, bn_weight32, bn_bias32, eps, relu=True, impl=bn_impl, out=rows_view(out))
-        ctx.save_for_backward(x, offset_mask, weight, bias, bn_weight, y, out, mean, var)
+        ctx.save_for_backward(x, offset_mask, weight, bn_weight, y, out, mean, var)
         ctx.geometry, ctx.use_batch_stats, ctx.eps, ctx.bn_impl = geometry, use_batch_stats, eps, bn_impl
         ctx.bn_bias_dtype = None if bn_bias is None else bn_bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, offset_mask, weight, bias, bn_weight, y, out, mean, var = ctx.saved_tensors
+        x, offset_mask, weight, bn_weight, y, out, mean, var = ctx.saved_tensors
         need_x, need_om, need_w, need_b, need_bn_w, need_bn_b = ctx.needs_input_grad[:6]
         y2d, out2d = rows_view(y), rows_view(out)
         grad_out2d = rows_view(channels_last(grad_out.to(out.dtype)))
