@@ -71,7 +71,10 @@ class FoldedDCN(FoldedConvBN):
 
 def deform_conv_bn_relu(conv: ModulatedDeformConv3x3, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """relu(bn(conv(x))) through the fused block with autograd (training, or gradients wanted): the offset-mask
-    conv, then one deformable-conv kernel with the batch statistics in its epilogue and one BN + ReLU pass."""
+    conv, then one deformable-conv kernel with the batch statistics in its epilogue and one BN + ReLU pass.
+    Backend 'torch' (and 'auto' on CPU tensors): the modules themselves."""
+    if backend.resolve(x.device, OP_NAME) == "torch":
+        return torch.relu(bn(conv(x)))
     offset_mask = conv.conv_offset_mask(x)
     return dcn_block(x, offset_mask, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                      bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, padding=_PADDING)
