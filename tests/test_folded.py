@@ -269,7 +269,7 @@ def test_fold_bn_false_and_restore():
 @pytest.mark.parametrize("name, kwargs, ida_type, folded_per_step", [
     ("dla34up", dict(num_classes=5), FusedIDAUp, 1),                                           # node
     ("centernet_dla34", dict(dcn=False, heads={"hm": 3, "wh": 2}, head_conv=16), FusedIDAUpAdd, 2),  # proj, node
-    ("centernet_dla34", dict(dcn=True, heads={"hm": 3, "wh": 2}, head_conv=16), FusedIDAUpAdd, 0),   # deformable
+    # deformable proj/node (dcn=True) fold into the DCN kernel: tests/test_dcn_block.py
 ])
 def test_up_paths_fold_their_plain_convs_in_eval(name, kwargs, ida_type, folded_per_step, monkeypatch):
     ref = randomize_bn(dla_fast.create_model(name, **kwargs)).eval()

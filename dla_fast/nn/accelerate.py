@@ -7,8 +7,9 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..models.centernet import IDAUpAdd
+from ..models.centernet import IDAConv, IDAUpAdd, ModulatedDeformConv3x3
 from ..models.dla_up import IDAUp
+from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
 from .root import FusedRoot
@@ -37,6 +38,20 @@ def _ida_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]
     return None, ""
 
 
+def _deform_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]], str]:
+    """CenterNet's deformable IDAConv (outside an IDAUpAdd) and torchvision's DeformConv2d."""
+    if isinstance(module, IDAConv) and isinstance(module.conv, ModulatedDeformConv3x3):
+        cls = FusedDCNBlock
+    elif is_torchvision_deform_conv(module):
+        cls = FusedDeformConv2d
+    else:
+        return None, ""
+    reason = cls.unsupported(module)
+    if reason:
+        return None, f"{reason} (runs eagerly)"
+    return (lambda: cls(module)), ""
+
+
 def _folded_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Module]], str]:
     """Residual blocks and conv-BN-ReLU stacks: BatchNorm folded into the convs for inference."""
     cls, reason = folded_replacement(module)
@@ -47,7 +62,7 @@ def _folded_conversion(module: nn.Module) -> Tuple[Optional[Callable[[], nn.Modu
 
 # Each converter looks at one module and says how to fuse it (or why it stays eager).
 CONVERTERS: List[Callable[[nn.Module], Tuple[Optional[Callable[[], nn.Module]], str]]] = [
-    _root_conversion, _ida_conversion]
+    _root_conversion, _ida_conversion, _deform_conversion]
 FOLD_CONVERTERS = [_folded_conversion]
 
 
@@ -93,7 +108,8 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
                 break
     if not swapped:
         raise ValueError(f"accelerate found nothing to fuse in {type(model).__name__}: it has no DLA "
-                         "aggregation node (Root/DlaRoot), IDA up-merge step or foldable conv + BatchNorm")
+                         "aggregation node (Root/DlaRoot), IDA up-merge step, deformable conv or foldable conv + "
+                         "BatchNorm")
     if skipped:
         warnings.warn("dla_fast.accelerate left these modules eager:\n  " + "\n  ".join(skipped))
     was_channels_last = _is_channels_last(model)

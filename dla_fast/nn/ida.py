@@ -4,11 +4,13 @@ Each holds the original module's own submodules (proj_i, up_i, node_i: same para
 and runs the same computation through the fused ops:
 - the bilinear transposed-conv upsample is merged with the finer level by `upsample_merge` (the upsampled
   tensor is never written by itself, and for DLA-Up the concatenation is written directly);
-- every conv + BatchNorm + ReLU keeps its conv (cuDNN, or torchvision's deformable conv) and runs BN + ReLU
-  as one pass with `batchnorm_act`; DLA-Up's 1x1 projections run as a one-child aggregation node (GEMM + BN +
-  ReLU in one kernel);
-- in eval mode without gradients, every plain conv + BN + ReLU instead runs as one convolution with the
-  BatchNorm folded in (dla_fast.nn.folded; one fused cuDNN call on CUDA). Deformable convs are not folded.
+- every plain conv + BatchNorm + ReLU keeps its conv (cuDNN) and runs BN + ReLU as one pass with
+  `batchnorm_act`; DLA-Up's 1x1 projections run as a one-child aggregation node (GEMM + BN + ReLU in one
+  kernel); CenterNet's deformable conv + BN + ReLU runs as the fused DCN block (dla_fast.nn.dcn: batch
+  statistics in the deformable conv's epilogue, then one BN + ReLU pass);
+- in eval mode without gradients, every conv + BN + ReLU instead runs as one convolution with the BatchNorm
+  folded in (dla_fast.nn.folded: one fused cuDNN call on CUDA; a deformable conv: one kernel, ReLU in its
+  epilogue).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.common import cached_derived
 from ..ops.upsample_merge import upsample_merge
+from .dcn import FoldedDCN, dcn_unsupported, deform_conv_bn_relu
 from .folded import FoldedConvBN, fold_applies, unsupported
 
 
@@ -57,11 +60,13 @@ class _FusedIDA(nn.Module):
         self.out_channels = original.out_channels
         self.up_factors = original.up_factors
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
-        self.__dict__["_folded"] = {}  # "proj_i" / "node_i" -> FoldedConvBN, for the plain convs
+        self.__dict__["_folded"] = {}  # "proj_i" / "node_i" -> FoldedConvBN (plain convs) or FoldedDCN
 
     def _add_fold(self, name: str, conv: nn.Module, bn: nn.Module) -> None:
         if not unsupported(conv, bn):
             self.__dict__["_folded"][name] = FoldedConvBN(conv, bn)
+        elif not dcn_unsupported(conv, bn):
+            self.__dict__["_folded"][name] = FoldedDCN(conv, bn)
 
     @property
     def original(self) -> nn.Module:
@@ -80,6 +85,8 @@ class _FusedIDA(nn.Module):
         pair = self.__dict__["_folded"].get(name)
         if fold and pair is not None:
             return pair(x)
+        if isinstance(pair, FoldedDCN):
+            return deform_conv_bn_relu(conv, bn, x)
         return bn_relu(bn, conv(x))
 
     def train(self, mode: bool = True):
