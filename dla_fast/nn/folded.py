@@ -13,6 +13,12 @@ Replaces DLA's BasicBlock / timm's DlaBasic, Bottleneck / DlaBottleneck (also th
 classes, from dla_fast.models.blocks and timm.models.dla, with exactly their children — and nn.Sequential
 stacks of (Conv2d, BatchNorm2d[, ReLU]) (base layer, level0/level1, tree projections). Res2Net blocks
 (Bottle2neck) stay eager.
+
+SyncBatchNorm: a replaced module with an nn.SyncBatchNorm in training runs its convs eagerly and each BatchNorm
+[+ residual] [+ ReLU] through dla_fast.ops.batchnorm_act with the SyncBatchNorm's synchronization (which,
+unlike nn.SyncBatchNorm, also runs on CPU with gloo). Models may be converted with
+nn.SyncBatchNorm.convert_sync_batchnorm before or after accelerate(): the replaced module and its folded pairs
+follow its children as they are now, and hand them on to the module it replaced.
 """
 from __future__ import annotations
 
@@ -22,10 +28,9 @@ import torch
 import torch.nn as nn
 
 from .. import backend
+from ..ops.batchnorm_act import batchnorm_act
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
-
-
-_BATCHNORM_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+from .batchnorm import BATCHNORM_TYPES, batchnorm_unsupported, sync_args
 
 
 def unsupported(conv: nn.Module, bn: nn.Module) -> str:
@@ -34,8 +39,9 @@ def unsupported(conv: nn.Module, bn: nn.Module) -> str:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (folding takes zero padding)"
-    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(bn).forward not in _BATCHNORM_FORWARDS:
-        return f"{type(bn).__name__} is not a plain BatchNorm2d (a subclass with its own forward is not folded)"
+    reason = batchnorm_unsupported(bn)
+    if reason:
+        return reason
     if bn.running_mean is None or bn.running_var is None:
         return f"{type(bn).__name__} without running statistics"
     if conv.out_channels != bn.num_features:
@@ -83,6 +89,19 @@ class FoldedConvBN:
         conv = self.conv
         return conv_bias_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu)
 
+    def unfolded(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+        """[relu](bn(conv(x)) [+ residual]) with the modules as they are (training: batch statistics, running
+        statistics updated, a SyncBatchNorm synchronized), the BatchNorm step through the fused batchnorm_act."""
+        bn = self.bn
+        return batchnorm_act(self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                             bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, residual, relu, **sync_args(bn))
+
+
+def synchronized(pairs: List[FoldedConvBN]) -> bool:
+    """Whether a call runs with a SyncBatchNorm in training (then unfolded through batchnorm_act: nn.SyncBatchNorm
+    itself refuses CPU tensors in a process group)."""
+    return any(isinstance(p.bn, nn.SyncBatchNorm) and p.bn.training for p in pairs)
+
 
 def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, *inputs) -> bool:
     """Whether `module` runs this call folded: eval mode, no gradient wanted (of the parameters, of x, of the
@@ -107,8 +126,9 @@ class _Folded(nn.Module):
             self.add_module(name, child)
         self.training = original.training
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+        self.__dict__["_pair_names"] = self.pair_names(original)
         self.__dict__["_pairs"] = [FoldedConvBN(getattr(self, c), getattr(self, b))
-                                   for c, b in self.pair_names(original)]
+                                   for c, b in self.__dict__["_pair_names"]]
 
     @staticmethod
     def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
@@ -128,11 +148,21 @@ class _Folded(nn.Module):
 
     @property
     def original(self) -> nn.Module:
-        return self.__dict__["_original"]
+        """The replaced module, given this module's children as they are now."""
+        original = self.__dict__["_original"]
+        for name, child in self._modules.items():
+            if original._modules.get(name) is not child:
+                original._modules[name] = child
+        return original
 
     @property
     def pairs(self) -> List[FoldedConvBN]:
-        return self.__dict__["_pairs"]
+        """The folded pairs, rebuilt when a child was replaced (e.g. by convert_sync_batchnorm)."""
+        pairs = self.__dict__["_pairs"]
+        live = [(getattr(self, c), getattr(self, b)) for c, b in self.__dict__["_pair_names"]]
+        if any(p.conv is not conv or p.bn is not bn for p, (conv, bn) in zip(pairs, live)):
+            pairs = self.__dict__["_pairs"] = [FoldedConvBN(conv, bn) for conv, bn in live]
+        return pairs
 
     def fold_pairs(self) -> List[FoldedConvBN]:
         return self.pairs
@@ -168,12 +198,18 @@ class _FoldedBlock(_Folded):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, children=None,
                 shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         residual = shortcut if residual is None else residual  # timm names it `shortcut`
+        pairs = self.pairs
+        if synchronized(pairs):
+            out = x
+            for pair in pairs[:-1]:
+                out = pair.unfolded(out)
+            return pairs[-1].unfolded(out, x if residual is None else residual)
         if not self.folds(x, residual):
             return self.original(x, residual)
         out = x
-        for pair in self.pairs[:-1]:
+        for pair in pairs[:-1]:
             out = pair(out)
-        return self.pairs[-1](out, x if residual is None else residual)
+        return pairs[-1](out, x if residual is None else residual)
 
 
 class FoldedBasicBlock(_FoldedBlock):
@@ -204,7 +240,7 @@ def _stack_layout(module: nn.Module) -> Optional[List[Tuple[str, str, bool]]]:
     layout, i = [], 0
     while i < len(items):
         if i + 1 >= len(items) or not isinstance(items[i][1], nn.Conv2d) or not isinstance(items[i + 1][1],
-                                                                                          nn.BatchNorm2d):
+                                                                                          BATCHNORM_TYPES):
             return None
         relu = i + 2 < len(items) and isinstance(items[i + 2][1], nn.ReLU)
         layout.append((items[i][0], items[i + 1][0], relu))
@@ -230,9 +266,14 @@ class FoldedConvBNStack(_Folded):
         return len(self.original)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = self.pairs
+        if synchronized(pairs):
+            for pair, relu in zip(pairs, self.relus):
+                x = pair.unfolded(x, relu=relu)
+            return x
         if not self.folds(x):
             return self.original(x)
-        for pair, relu in zip(self.pairs, self.relus):
+        for pair, relu in zip(pairs, self.relus):
             x = pair(x, relu=relu)
         return x
 
