@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -62,6 +63,11 @@ def build_model(name: str) -> torch.nn.Module:
     torch.manual_seed(5)
     if name == "dla34":
         model = timm.create_model("dla34", pretrained=False, num_classes=7)
+    elif name == "dla34_narrow":  # DLA-34's layout (levels, blocks, roots) at 1/4 of its widths
+        from dla_fast.models.blocks import BasicBlock
+        from dla_fast.models.dla import DLA
+
+        model = DLA((1, 1, 1, 2, 2, 1), (4, 8, 16, 32, 64, 128), BasicBlock, num_classes=7)
     else:
         model = dla_fast.create_model("centernet_dla34", dcn=False, heads={"hm": 3, "wh": 2}, head_conv=8)
     return randomize_bn(model, torch.Generator().manual_seed(6))
@@ -183,29 +189,60 @@ def scenario_centernet(rank):
 
 
 def scenario_ddp(rank):
-    """An accelerated DLA-34 with plain BatchNorm2d under DistributedDataParallel (small buckets, static graph):
-    step 1 accumulates two micro-batches (the first under no_sync()), SGD step, step 2 one micro-batch."""
+    """Accelerated DLA-34s (narrow: DDP's semantics do not depend on the widths) with plain BatchNorm2d under
+    DistributedDataParallel, 4 KB gradient buckets: one with static_graph=True for two SGD iterations, one
+    accumulating two micro-batches, the first under no_sync(); and the same steps on a local copy without DDP
+    (the reference: DDP averages the ranks' gradients). PyTorch's static_graph=True together with no_sync() is
+    broken (pytorch/pytorch#143580), hence two wrappers."""
     import dla_fast
     from torch.nn.parallel import DistributedDataParallel
 
-    model = dla_fast.accelerate(build_model("dla34").train())
-    ddp = DistributedDataParallel(model, bucket_cap_mb=0.25, static_graph=True, find_unused_parameters=False)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     x, seed = model_batch()
-    local = rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)
+    micro = [rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)]
+    micro.append(micro[0].flip(0))
+
+    def grads(model):
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def step(model, inputs, step_seed):
+        model_loss(model(inputs), step_seed, rank, (2, 2)).backward()
+
+    static_model, accumulating_model, local_model = (dla_fast.accelerate(build_model("dla34_narrow").train())
+                                                     for _ in range(3))
+    static = DistributedDataParallel(static_model, bucket_cap_mb=0.004, static_graph=True)
+    accumulating = DistributedDataParallel(accumulating_model, bucket_cap_mb=0.004)
+    results = {}
     with dla_fast.use_backend("triton"):
-        with ddp.no_sync():
-            model_loss(ddp(local), seed, rank, (2, 2)).backward()
-        no_sync_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model_loss(ddp(local.flip(0)), seed + 1, rank, (2, 2)).backward()
-        step1 = {n: p.grad.clone() for n, p in model.named_parameters()}
-        optimizer.step()
-        optimizer.zero_grad()
-        model_loss(ddp(local), seed + 2, rank, (2, 2)).backward()
-    return dict(no_sync_grads=no_sync_grads, step1=step1,
-                step2={n: p.grad for n, p in model.named_parameters()},
-                buckets=len(ddp.reducer._get_zeros_tensors_like_buckets())
-                if hasattr(ddp.reducer, "_get_zeros_tensors_like_buckets") else None)
+        step(static, micro[0], seed)
+        results["static_step1"] = grads(static_model)
+        with torch.no_grad():
+            for p in static_model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        step(static, micro[1], seed + 1)
+        results["static_step2"] = grads(static_model)
+
+        with accumulating.no_sync():
+            step(accumulating, micro[0], seed)
+        results["no_sync"] = grads(accumulating_model)
+        step(accumulating, micro[1], seed + 1)
+        results["accumulated"] = grads(accumulating_model)
+
+        step(local_model, micro[0], seed)
+        results["local_a"] = grads(local_model)
+        for p in local_model.parameters():
+            p.grad = None
+        step(local_model, micro[1], seed + 1)
+        results["local_b"] = grads(local_model)
+        with torch.no_grad():
+            for n, p in local_model.named_parameters():
+                p.copy_(dict(static_model.named_parameters())[n])
+                p.grad = None
+        step(local_model, micro[1], seed + 1)
+        results["local_step2"] = grads(local_model)
+    results["buckets"] = len(static.reducer._get_zeros_tensors_like_buckets()) \
+        if hasattr(static.reducer, "_get_zeros_tensors_like_buckets") else None
+    return results
 
 
 def scenario_mismatched_channels(rank):
@@ -235,11 +272,14 @@ def main(argv):
                             timeout=datetime.timedelta(seconds=120))
     try:
         for name in names:
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 result = SCENARIOS[name](rank)
             except Exception:  # recorded for the test to show; the other rank may then time out
                 result = dict(exception=traceback.format_exc())
             torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+            print(f"rank {rank} {name}: {time.perf_counter() - start:.1f} s, {time.process_time() - cpu:.1f} s CPU",
+                  flush=True)
             dist.barrier()
     finally:
         dist.destroy_process_group()
