@@ -240,8 +240,7 @@ def scenario_ddp(rank):
                 p.grad = None
         step(local_model, micro[1], seed + 1)
         results["local_step2"] = grads(local_model)
-    results["buckets"] = len(static.reducer._get_zeros_tensors_like_buckets()) \
-        if hasattr(static.reducer, "_get_zeros_tensors_like_buckets") else None
+    results["bucket_sizes"] = static._get_ddp_logging_data().get("bucket_sizes")
     return results
 
 
