@@ -91,6 +91,27 @@ def model_loss(out, seed: int, rank: int, split=SPLIT) -> torch.Tensor:
     return loss
 
 
+LAUNCHES: list = []  # names of the Triton kernels launched (interpreter), reset per run
+
+
+def _count_launches() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        LAUNCHES.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = counting_run
+
+
+def _launched() -> list:
+    names = sorted(set(LAUNCHES))
+    LAUNCHES.clear()
+    return names
+
+
 def flat_outputs(out) -> torch.Tensor:
     tensors = [out] if isinstance(out, torch.Tensor) else [out[0][k] for k in sorted(out[0])]
     return torch.cat([t.detach().reshape(t.shape[0], -1) for t in tensors], 1)
@@ -119,7 +140,8 @@ def _run_batchnorm_act(rank, backend_name, split, group, momentum):
                             True, sync=True, process_group=group)
         out.backward(rank_rows(grad, rank, split))
     return dict(out=out.detach(), grad_x=x.grad, grad_residual=residual.grad, grad_weight=weight.grad,
-                grad_bias=bias.grad, running_mean=running_mean, running_var=running_var, tracked=tracked)
+                grad_bias=bias.grad, running_mean=running_mean, running_var=running_var, tracked=tracked,
+                kernels=_launched())
 
 
 def _run_aggregate(rank, backend_name, split, group):
@@ -137,7 +159,7 @@ def _run_aggregate(rank, backend_name, split, group):
         out.backward(rank_rows(grad, rank, split))
     return dict(out=out.detach(), grad_children=[c.grad for c in children], grad_conv=conv_weight.grad,
                 grad_weight=weight.grad, grad_bias=bias.grad, running_mean=running_mean, running_var=running_var,
-                tracked=tracked)
+                tracked=tracked, kernels=_launched())
 
 
 def scenario_ops(rank):
@@ -168,14 +190,16 @@ def _model_step(rank, name, convert_first):
         dla_fast.accelerate(model)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     x, seed = model_batch()
+    _launched()
     with dla_fast.use_backend("triton"):
         out = model(rank_rows(x, rank).contiguous(memory_format=torch.channels_last))
         model_loss(out, seed, rank).backward()
+    kernels = _launched()
     dla_fast.restore(model)
     sync_bns = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     plain_bns = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
     return dict(out=flat_outputs(out), grads={n: p.grad for n, p in model.named_parameters()},
-                buffers={n: b for n, b in model.named_buffers()}, restored=(sync_bns, plain_bns))
+                buffers={n: b for n, b in model.named_buffers()}, restored=(sync_bns, plain_bns), kernels=kernels)
 
 
 def scenario_dla34(rank):
@@ -191,7 +215,7 @@ def scenario_centernet(rank):
 def scenario_ddp(rank):
     """Accelerated DLA-34s (narrow: DDP's semantics do not depend on the widths) with plain BatchNorm2d under
     DistributedDataParallel, 4 KB gradient buckets: one with static_graph=True for two SGD iterations, one
-    accumulating two micro-batches, the first under no_sync(); and the same steps on a local copy without DDP
+    that after a first iteration accumulates two micro-batches, the first under no_sync(); and the same steps on a local copy without DDP
     (the reference: DDP averages the ranks' gradients). PyTorch's static_graph=True together with no_sync() is
     broken (pytorch/pytorch#143580), hence two wrappers."""
     import dla_fast
@@ -222,6 +246,9 @@ def scenario_ddp(rank):
         step(static, micro[1], seed + 1)
         results["static_step2"] = grads(static_model)
 
+        step(accumulating, micro[1], seed + 1)  # a first synced iteration: DDP then rebuilds its buckets
+        for p in accumulating_model.parameters():
+            p.grad = None
         with accumulating.no_sync():
             step(accumulating, micro[0], seed)
         results["no_sync"] = grads(accumulating_model)
@@ -240,7 +267,8 @@ def scenario_ddp(rank):
                 p.grad = None
         step(local_model, micro[1], seed + 1)
         results["local_step2"] = grads(local_model)
-    results["bucket_sizes"] = static._get_ddp_logging_data().get("bucket_sizes")
+    logged = accumulating._get_ddp_logging_data()
+    results["buckets"] = (logged.get("rebuilt_bucket_sizes"),)
     return results
 
 
@@ -267,6 +295,7 @@ def main(argv):
     rank, world, port, out_dir = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
     names = argv[5].split(",") if len(argv) > 5 else list(SCENARIOS)
     torch.set_num_threads(1)
+    _count_launches()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:

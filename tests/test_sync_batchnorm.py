@@ -73,6 +73,15 @@ def _summed(results, key):
     return sum(r[key] for r in results)
 
 
+def _check_kernels(results, case, expected):
+    """The Triton kernels ran on every rank in the Triton cases, none with the eager reference."""
+    for rank, r in enumerate(results):
+        if case == "torch":
+            assert r["kernels"] == [], f"rank {rank} launched {r['kernels']} with backend torch"
+        else:
+            assert set(expected) <= set(r["kernels"]), f"rank {rank} launched only {r['kernels']}"
+
+
 def _check_running(results, running_mean, running_var, tracked):
     for rank, r in enumerate(results):
         assert_close(r["running_mean"], running_mean, 1e-5, f"running_mean on rank {rank}")
@@ -104,6 +113,7 @@ def test_batchnorm_act_synchronized_equals_one_process(runs, case, momentum):
     """batchnorm_act (residual + ReLU) over 2 gloo ranks, local batches 3 and 1 (or 4 and 0: an empty rank
     still synchronizes), Triton kernels or the eager reference: as one process on the whole batch."""
     results = [r[f"batchnorm_act_{case}"] for r in runs["ops"]]
+    _check_kernels(results[:1], case, ["channel_stats_partial_kernel", "bn_apply_kernel", "bn_backward_apply_kernel"])
     ref = _batchnorm_act_reference(momentum)
     assert_close(_cat(results, "out"), ref["out"], 1e-5, "output")
     for key in ("grad_x", "grad_residual"):
@@ -128,6 +138,7 @@ def test_batchnorm_act_in_a_one_rank_group_is_plain_batchnorm(runs):
 def test_aggregate_synchronized_equals_one_process(runs, case):
     """The aggregation node (2 children, residual) over 2 gloo ranks as one process on the whole batch."""
     results = [r[f"aggregate_{case}"] for r in runs["ops"]]
+    _check_kernels(results[:1], case, ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"])
     children, conv_weight, grad, params = worker.aggregate_inputs()
     children = [c.double().requires_grad_(True) for c in children]
     conv_weight = conv_weight.double().requires_grad_(True)
@@ -180,6 +191,7 @@ def _check_against_whole_batch(name, results):
                 assert int(r["buffers"][n]) == int(ref), f"{n} on rank {rank}"
             else:
                 check(r["buffers"][n], ref, eager_buffers[n], 1e-5, f"{n} on rank {rank}")
+    _check_kernels(results, "triton", ["aggregate_fwd_kernel", "aggregate_grad_input_kernel", "bn_apply_kernel"])
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in worker.build_model(name).modules())
     for r in results:
         assert r["restored"] == (bns, 0), "restore() gives back the SyncBatchNorm modules"
@@ -210,7 +222,8 @@ def test_accelerated_dla34_under_ddp(runs):
             assert_close(r["static_step2"][n], step2[n], 1e-5, f"rank {rank}, static graph, step 2 grad of {n}")
             assert_close(r["no_sync"][n], r["local_a"][n], 1e-5, f"rank {rank}, no_sync(): local grad of {n}")
             assert_close(r["accumulated"][n], accumulated[n], 1e-5, f"rank {rank}, accumulated grad of {n}")
-    assert len(str(results[0]["bucket_sizes"]).split(",")) > 4, f"bucket sizes {results[0]['bucket_sizes']}"
+    sizes = results[0]["buckets"][0]  # after the first synced iteration, as the accumulation step used them
+    assert sizes is not None and len(sizes.split(",")) > 4, f"gradient bucket sizes {sizes}"
 
 
 # --------------------------------------------------------------------------------------------------------
