@@ -303,3 +303,33 @@ def test_torchrun_bench_trains_data_parallel_on_cpu(tmp_path):
         assert len(extra["images_per_s_per_rank"]) == 2 and all(v > 0 for v in extra["images_per_s_per_rank"])
         assert extra["images_per_s"] > 0 and extra["single_process_images_per_s"] > 0
         assert abs(extra["scaling_efficiency"] - extra["images_per_s"] / (2 * extra["single_process_images_per_s"])) < 1e-9
+
+
+def test_convert_sync_batchnorm_after_accelerate_is_followed():
+    """convert_sync_batchnorm after accelerate(): the replaced block folds and runs with the new SyncBatchNorms
+    (their mode, not the stale BatchNorm2d's), in training (synchronized path, here outside a process group)
+    and in eval (folded), and restore() gives them back."""
+    from dla_fast.models.blocks import BasicBlock
+    from helpers import randomize_bn
+
+    model = randomize_bn(nn.ModuleDict(dict(block=BasicBlock(4, 4)))).train()
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    dla_fast.accelerate(model)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fused = model["block"]
+    assert all(isinstance(pair.bn, nn.SyncBatchNorm) for pair in fused.pairs)
+    x = torch.randn(2, 4, 5, 5)
+    with dla_fast.use_backend("triton"):
+        out = fused(x)
+        model.eval()
+        with torch.no_grad():
+            folded = fused(x)
+    assert all(pair.cached() for pair in fused.pairs), "the eval call did not fold"
+    assert_close(out, reference["block"](x), 1e-5, "training output")
+    assert_close(fused.bn1.running_var, reference["block"].bn1.running_var, 1e-5, "running_var")
+    reference.eval()
+    with torch.no_grad():
+        assert_close(folded, reference["block"](x), 1e-5, "eval output (folded)")
+    dla_fast.restore(model)
+    assert isinstance(model["block"], BasicBlock) and isinstance(model["block"].bn2, nn.SyncBatchNorm)
+    assert not model["block"].bn2.training
