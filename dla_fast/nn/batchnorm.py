@@ -13,7 +13,7 @@ def batchnorm_unsupported(bn: nn.Module) -> str:
     if not isinstance(bn, BATCHNORM_TYPES):
         return f"its normalization is a {type(bn).__name__}, not nn.BatchNorm2d or nn.SyncBatchNorm"
     if type(bn).forward not in _BATCHNORM_FORWARDS:
-        return f"{type(bn).__name__} overrides BatchNorm's forward"
+        return f"{type(bn).__name__} is not a plain BatchNorm2d or SyncBatchNorm (a subclass with its own forward)"
     return ""
 
 
