@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import dla_fast
 
-from . import UsageError
+from . import UsageError, distributed
 from .records import BenchRecord, device_name, make_record, markdown_table, write_records
 from .timing import PeakMemory, Timing, time_iterations
 
@@ -182,6 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dla_fast backend for the dla_fast providers (default auto)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    distributed.add_arguments(parser)
 
 
 def _resolve_device(name: Optional[str]) -> torch.device:
@@ -460,6 +461,12 @@ def run(args: argparse.Namespace) -> int:
     if config.defaults_note:
         print(f"note: {config.defaults_note}")
     providers = [PROVIDERS[name] for name in config.providers]
+    if distributed.launched():  # torchrun: the data-parallel training step (dla_fast.cli.distributed)
+        config = dataclasses.replace(config, device=distributed.rank_device(config.device))
+        with dla_fast.use_backend(config.backend):
+            return distributed.run(args, config, providers, build_model, count_step_flops, make_step, write_records)
+    if args.sync_bn:
+        raise UsageError("--sync-bn is for data-parallel runs: start bench with torchrun --nproc-per-node N")
     try:
         with dla_fast.use_backend(config.backend):
             records = run_benchmarks(config, providers)

@@ -128,17 +128,23 @@ def accelerated_modules(model: nn.Module) -> List[str]:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo accelerate(): put the original modules back (same parameters and buffers). Returns the model."""
+    """Undo accelerate(): put the original modules back (same parameters and buffers), with the children the
+    fused modules hold now (e.g. the nn.SyncBatchNorm modules of a model converted after accelerate()).
+    Returns the model."""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise RuntimeError("this model was not accelerated by dla_fast.accelerate")
     for name in state["swapped"]:
         fused = model.get_submodule(name)
+        original = fused.original
+        for child_name, child in fused.named_children():  # replaced since accelerate() (convert_sync_batchnorm)
+            if child_name in original._modules and original._modules[child_name] is not child:
+                original._modules[child_name] = child
         shared = {id(m) for m in fused.modules()}  # these kept their own modes (e.g. a frozen BatchNorm)
-        for m in fused.original.modules():  # the rest take the mode the model was switched to meanwhile
+        for m in original.modules():  # the rest take the mode the model was switched to meanwhile
             if id(m) not in shared:
                 m.training = fused.training
-        _replace(model, name, fused.original)
+        _replace(model, name, original)
     if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)

@@ -6,8 +6,8 @@ In training mode, or when gradients are wanted, each conv runs as it is (cuDNN) 
 [+ ReLU] as one fused autograd op (dla_fast.ops.batchnorm_act: one statistics pass and one normalize pass forward,
 one reduction pass and one input-gradient pass backward, running statistics as nn.BatchNorm2d) when the backend
 for the op "batchnorm_act_training" is not 'torch' (`auto` keeps eager there until a GPU measurement shows the
-fused path faster; backend 'triton' or 'cuda' forces it) and every BatchNorm is a plain nn.BatchNorm2d (a
-SyncBatchNorm's training step stays its own). Otherwise, and with backend 'torch', the module runs the block it
+fused path faster; backend 'triton' or 'cuda' forces it) and every BatchNorm is a plain nn.BatchNorm2d
+(SyncBatchNorm: below). Otherwise, and with backend 'torch', the module runs the block it
 replaced, unchanged. The folded weights are cached per dtype and device and recomputed whenever a parameter or a
 running statistic changes (PyTorch's version counters and data pointers), or the module's mode is switched;
 an in-place edit through `tensor.data` bypasses the version counters (call `.eval()` again after one), and
@@ -18,6 +18,12 @@ Replaces DLA's BasicBlock / timm's DlaBasic, Bottleneck / DlaBottleneck (also th
 classes, from dla_fast.models.blocks and timm.models.dla, with exactly their children — and nn.Sequential
 stacks of (Conv2d, BatchNorm2d[, ReLU]) (base layer, level0/level1, tree projections). Res2Net blocks
 (Bottle2neck) stay eager.
+
+SyncBatchNorm: a replaced module with an nn.SyncBatchNorm in training runs its convs eagerly and each BatchNorm
+[+ residual] [+ ReLU] through dla_fast.ops.batchnorm_act with the SyncBatchNorm's synchronization (which,
+unlike nn.SyncBatchNorm, also runs on CPU with gloo). Models may be converted with
+nn.SyncBatchNorm.convert_sync_batchnorm before or after accelerate(): the replaced module and its folded pairs
+follow its children as they are now, and hand them on to the module it replaced.
 """
 from __future__ import annotations
 
@@ -29,12 +35,10 @@ import torch.nn as nn
 from .. import backend
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
+from .batchnorm import BATCHNORM_TYPES, batchnorm_unsupported, sync_args
 
 # The backend op name of the unfolded path (training, or gradients wanted): conv + fused BatchNorm-act.
 TRAINING_OP_NAME = "batchnorm_act_training"
-
-
-_BATCHNORM_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
 
 
 def unsupported(conv: nn.Module, bn: nn.Module) -> str:
@@ -43,8 +47,9 @@ def unsupported(conv: nn.Module, bn: nn.Module) -> str:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return f"conv padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (folding takes zero padding)"
-    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(bn).forward not in _BATCHNORM_FORWARDS:
-        return f"{type(bn).__name__} is not a plain BatchNorm2d (a subclass with its own forward is not folded)"
+    reason = batchnorm_unsupported(bn)
+    if reason:
+        return reason
     if bn.running_mean is None or bn.running_var is None:
         return f"{type(bn).__name__} without running statistics"
     if conv.out_channels != bn.num_features:
@@ -94,14 +99,21 @@ class FoldedConvBN:
 
     def unfolded(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
         """The training path: the conv module as it is, then its BatchNorm [+ residual] [+ ReLU] as one fused
-        op with nn.BatchNorm2d's semantics (batch statistics and running-statistics update in training).
-        A residual of another dtype than the conv's output (autocast) is cast to it first."""
+        op with nn.BatchNorm2d's semantics (batch statistics and running-statistics update in training; a
+        SyncBatchNorm synchronized over its process group). A residual of another dtype than the conv's output
+        (autocast) is cast to it first."""
         y = self.conv(x)
         bn = self.bn
         if residual is not None and residual.dtype != y.dtype:
             residual = residual.to(y.dtype)
         return batchnorm_act(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                             bn.training, bn.momentum, bn.eps, residual, relu)
+                             bn.training, bn.momentum, bn.eps, residual, relu, **sync_args(bn))
+
+
+def synchronized(pairs: List[FoldedConvBN]) -> bool:
+    """Whether a call runs with a SyncBatchNorm in training (then unfolded through batchnorm_act: nn.SyncBatchNorm
+    itself refuses CPU tensors in a process group)."""
+    return any(isinstance(p.bn, nn.SyncBatchNorm) and p.bn.training for p in pairs)
 
 
 def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, *inputs) -> bool:
@@ -135,8 +147,9 @@ class _Folded(nn.Module):
             self.add_module(name, child)
         self.training = original.training
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+        self.__dict__["_pair_names"] = self.pair_names(original)
         self.__dict__["_pairs"] = [FoldedConvBN(getattr(self, c), getattr(self, b))
-                                   for c, b in self.pair_names(original)]
+                                   for c, b in self.__dict__["_pair_names"]]
 
     @staticmethod
     def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
@@ -156,11 +169,21 @@ class _Folded(nn.Module):
 
     @property
     def original(self) -> nn.Module:
-        return self.__dict__["_original"]
+        """The replaced module, given this module's children as they are now."""
+        original = self.__dict__["_original"]
+        for name, child in self._modules.items():
+            if original._modules.get(name) is not child:
+                original._modules[name] = child
+        return original
 
     @property
     def pairs(self) -> List[FoldedConvBN]:
-        return self.__dict__["_pairs"]
+        """The folded pairs, rebuilt when a child was replaced (e.g. by convert_sync_batchnorm)."""
+        pairs = self.__dict__["_pairs"]
+        live = [(getattr(self, c), getattr(self, b)) for c, b in self.__dict__["_pair_names"]]
+        if any(p.conv is not conv or p.bn is not bn for p, (conv, bn) in zip(pairs, live)):
+            pairs = self.__dict__["_pairs"] = [FoldedConvBN(conv, bn) for conv, bn in live]
+        return pairs
 
     def fold_pairs(self) -> List[FoldedConvBN]:
         return self.pairs
@@ -201,7 +224,7 @@ class _FoldedBlock(_Folded):
         residual = shortcut if residual is None else residual  # timm names it `shortcut`
         if self.folds(x, residual):
             run = [pair.__call__ for pair in self.pairs]
-        elif self.fuses_training(x):
+        elif synchronized(self.pairs) or self.fuses_training(x):
             run = [pair.unfolded for pair in self.pairs]
         else:
             return self.original(x, residual)
@@ -239,7 +262,7 @@ def _stack_layout(module: nn.Module) -> Optional[List[Tuple[str, str, bool]]]:
     layout, i = [], 0
     while i < len(items):
         if i + 1 >= len(items) or not isinstance(items[i][1], nn.Conv2d) or not isinstance(items[i + 1][1],
-                                                                                          nn.BatchNorm2d):
+                                                                                          BATCHNORM_TYPES):
             return None
         relu = i + 2 < len(items) and isinstance(items[i + 2][1], nn.ReLU)
         layout.append((items[i][0], items[i + 1][0], relu))
@@ -267,7 +290,7 @@ class FoldedConvBNStack(_Folded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folds(x):
             run = [pair.__call__ for pair in self.pairs]
-        elif self.fuses_training(x):
+        elif synchronized(self.pairs) or self.fuses_training(x):
             run = [pair.unfolded for pair in self.pairs]
         else:
             return self.original(x)

@@ -4,13 +4,16 @@ Each holds the original module's own submodules (proj_i, up_i, node_i: same para
 and runs the same computation through the fused ops:
 - the bilinear transposed-conv upsample is merged with the finer level by `upsample_merge` (the upsampled
   tensor is never written by itself, and for DLA-Up the concatenation is written directly);
-- every plain conv + BatchNorm + ReLU keeps its conv (cuDNN) and runs BN + ReLU as one pass with
-  `batchnorm_act`; DLA-Up's 1x1 projections run as a one-child aggregation node (GEMM + BN + ReLU in one
-  kernel); CenterNet's deformable conv + BN + ReLU runs as the fused DCN block (dla_fast.nn.dcn: batch
-  statistics in the deformable conv's epilogue, then one BN + ReLU pass);
+- every conv + BatchNorm + ReLU keeps its conv (cuDNN) and runs BN + ReLU as one pass with `batchnorm_act`;
+  DLA-Up's 1x1 projections run as a one-child aggregation node (GEMM + BN + ReLU in one kernel); CenterNet's
+  deformable conv + BN + ReLU runs as the fused DCN block (dla_fast.nn.dcn: batch statistics in the
+  deformable conv's epilogue, then one BN + ReLU pass);
 - in eval mode without gradients, every conv + BN + ReLU instead runs as one convolution with the BatchNorm
   folded in (dla_fast.nn.folded: one fused cuDNN call on CUDA; a deformable conv: one kernel, ReLU in its
-  epilogue).
+  epilogue);
+- an nn.SyncBatchNorm synchronizes its statistics through the fused ops (sync / process_group), also when
+  the model was converted with convert_sync_batchnorm after accelerate() (the folded pairs follow the
+  submodules as they are now).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.common import cached_derived
 from ..ops.upsample_merge import upsample_merge
+from .batchnorm import sync_args
 from .dcn import FoldedDCN, dcn_unsupported, deform_conv_bn_relu
 from .folded import FoldedConvBN, fold_applies, unsupported
 
@@ -30,13 +34,13 @@ from .folded import FoldedConvBN, fold_applies, unsupported
 def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """ReLU(bn(x)) in one pass, with the module's statistics and training mode."""
     return batchnorm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                         bn.training, bn.momentum, bn.eps, relu=True)
+                         bn.training, bn.momentum, bn.eps, relu=True, **sync_args(bn))
 
 
 def conv1x1_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """ReLU(bn(conv1x1(x))) as a one-child aggregation node."""
     return aggregate([x], conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                     bn.training, bn.momentum, bn.eps)
+                     bn.training, bn.momentum, bn.eps, **sync_args(bn))
 
 
 def _weight_like(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
@@ -61,18 +65,32 @@ class _FusedIDA(nn.Module):
         self.up_factors = original.up_factors
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
         self.__dict__["_folded"] = {}  # "proj_i" / "node_i" -> FoldedConvBN (plain convs) or FoldedDCN
+        self.__dict__["_fold_sources"] = {}  # "proj_i" / "node_i" -> submodule paths of its (conv, bn)
 
-    def _add_fold(self, name: str, conv: nn.Module, bn: nn.Module) -> None:
+    def _add_fold(self, name: str, conv_path: str, bn_path: str) -> None:
+        self.__dict__["_fold_sources"][name] = (conv_path, bn_path)
+        self._refresh_fold(name)
+
+    def _refresh_fold(self, name: str) -> None:
+        """(Re)build the folded pair of step `name` when its conv or BatchNorm is not the one it folds."""
+        conv, bn = (self.get_submodule(path) for path in self.__dict__["_fold_sources"][name])
+        folded = self.__dict__["_folded"]
+        pair = folded.get(name)
+        if pair is not None and pair.conv is conv and pair.bn is bn:
+            return
+        folded.pop(name, None)
         if not unsupported(conv, bn):
-            self.__dict__["_folded"][name] = FoldedConvBN(conv, bn)
+            folded[name] = FoldedConvBN(conv, bn)
         elif not dcn_unsupported(conv, bn):
-            self.__dict__["_folded"][name] = FoldedDCN(conv, bn)
+            folded[name] = FoldedDCN(conv, bn)
 
     @property
     def original(self) -> nn.Module:
         return self.__dict__["_original"]
 
     def fold_pairs(self) -> List[FoldedConvBN]:
+        for name in self.__dict__["_fold_sources"]:
+            self._refresh_fold(name)
         return list(self.__dict__["_folded"].values())
 
     def _folds(self, layers: Sequence[torch.Tensor]) -> bool:
@@ -106,8 +124,7 @@ class FusedIDAUp(_FusedIDA):
     def __init__(self, original: nn.Module):
         super().__init__(original)
         for i in range(1, len(self.in_channels)):
-            node = getattr(self, f"node_{i}")
-            self._add_fold(f"node_{i}", node[0], node[1])
+            self._add_fold(f"node_{i}", f"node_{i}.0", f"node_{i}.1")
 
     def _project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         proj = getattr(self, f"proj_{i}")
@@ -136,8 +153,7 @@ class FusedIDAUpAdd(_FusedIDA):
         super().__init__(original)
         for i in range(1, len(self.in_channels)):
             for name in (f"proj_{i}", f"node_{i}"):
-                step = getattr(self, name)
-                self._add_fold(name, step.conv, step.actf[0])
+                self._add_fold(name, f"{name}.conv", f"{name}.actf.0")
 
     def forward(self, layers: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         self._check(layers)

@@ -36,7 +36,9 @@ import triton.language as tl
 
 from .. import backend
 from .batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
-from .common import cached_derived, check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from . import sync_stats
+from .common import (cached_derived, check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows,
+                     num_sms, rows_view)
 from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
 
 MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
@@ -473,12 +475,14 @@ def _weight_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl,
-                    running=None):
+                    running=None, merge_stats=None):
     """The fused forward. Returns (out, pre-BN y or an empty tensor, batch mean, batch biased var); out and y
     are channels_last (N, Cout, H, W), the statistics fp32 [Cout] (empty when normalizing with mean/var).
 
     running: (running_mean, running_var, num_batches_tracked, momentum) to update in the statistics kernel
     (the counter already incremented by the caller), or None.
+    merge_stats: None, or a function (mean, var, rows) -> (mean, var) that replaces this batch's statistics
+    before the normalize pass, also called for an empty batch (synchronized BatchNorm; running is then None).
     """
     first = children[0]
     n, _, h, w = first.shape
@@ -493,7 +497,10 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     preact, y_rows = _empty_nhwc(first, cout) if store_preact else (first.new_empty(0), None)
     if m == 0:
         size = cout if batch_stats else 0
-        return out, preact, torch.zeros(size, **f32), torch.zeros(size, **f32)
+        stats = torch.zeros(size, **f32), torch.zeros(size, **f32)
+        if merge_stats is not None:
+            stats = merge_stats(*stats, 0)
+        return out, preact, *stats
 
     scratch = _scratch(device)
     block_m, block_n, block_k = _tile_sizes("fwd", m, cout, dtype, device)
@@ -528,14 +535,19 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
         scratch if num_batches is None else num_batches, 0.0 if momentum is None else momentum, m, cout,
         merge["merged_tiles"], TILE_ROWS=merge["tile_rows"], UPDATE_RUNNING=running is not None,
         CUMULATIVE=momentum is None, BLOCK_T=merge["block_t"], BLOCK_C=STATS_BLOCK_C)
+    if merge_stats is not None:
+        batch_mean, batch_var = merge_stats(batch_mean, batch_var, m)
     bn_apply(y_rows, batch_mean, batch_var, bn_weight, bn_bias, eps, residual2d=rows[0] if residual else None,
              relu=True, impl=impl, out=out_rows)
     return out, preact, batch_mean, batch_var
 
 
-def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl):
+def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl,
+                     sync=None):
     """The fused backward. Returns ([grad of each child], grad of the conv weight, grad of the BN weight, grad
-    of the BN bias); mean/var are what the forward normalized with (fp32 [Cout])."""
+    of the BN bias); mean/var are what the forward normalized with (fp32 [Cout]). sync: None, or (process group,
+    global count) of a synchronized forward: the input gradient's sums are all-reduced (the BN weight and bias
+    gradients stay local)."""
     first = children[0]
     n, _, h, w = first.shape
     m = n * h * w
@@ -545,9 +557,14 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
     grads, grad_rows = zip(*(_empty_nhwc(c, c.shape[1]) for c in children))
     if m == 0:
         zeros = torch.zeros(cout, dtype=torch.float32, device=device)
+        if sync is not None:  # the other ranks' all-reduce needs this rank too
+            sync_stats.all_reduce_grad_sums(zeros, zeros, sync[0], 0, sync[1])
         return list(grads), torch.zeros_like(weight), zeros, zeros.clone()
     g_rows, out_rows, y_rows = nhwc_rows(grad_out.to(dtype)), nhwc_rows(out), nhwc_rows(preact)
     sum_g, sum_gx = bn_backward_reduce(g_rows, out_rows, y_rows, mean, var, eps, relu=True, impl=impl)
+    input_sum_g, input_sum_gx = sum_g, sum_gx
+    if sync is not None:
+        input_sum_g, input_sum_gx = sync_stats.all_reduce_grad_sums(sum_g, sum_gx, sync[0], m, sync[1])
     w2d = _weight_rows(weight, dtype)
     dy_rows = torch.empty((m, cout), dtype=dtype, device=device)
     precision = _dot_precision(dtype)
@@ -560,10 +577,10 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
     if dy_ready:  # one pass writes dy, instead of every column tile recomputing it
         dy_block_m, dy_block_co = _dy_tile_shape(cout)
         aggregate_dy_kernel[(triton.cdiv(m, dy_block_m), triton.cdiv(cout, dy_block_co))](
-            g_rows, out_rows, y_rows, dy_rows, sum_g, sum_gx, mean, var, bn_weight, m, cout, eps,
+            g_rows, out_rows, y_rows, dy_rows, input_sum_g, input_sum_gx, mean, var, bn_weight, m, cout, eps,
             BATCH_STATS=batch_stats, BLOCK_M=dy_block_m, BLOCK_CO=dy_block_co)
     aggregate_grad_input_kernel[(triton.cdiv(m, block_m), col_tiles)](
-        *grad_ptrs, *counts, g_rows, out_rows, y_rows, dy_rows, sum_g, sum_gx, mean, var, bn_weight,
+        *grad_ptrs, *counts, g_rows, out_rows, y_rows, dy_rows, input_sum_g, input_sum_gx, mean, var, bn_weight,
         w2d, w2d.stride(0), m, cout, eps,
         NUM_CHILDREN=len(children), RESIDUAL=residual, BATCH_STATS=batch_stats,
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision, DY_READY=dy_ready,
@@ -626,6 +643,40 @@ class _AggregateFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         grads, grad_w, grad_gamma, grad_beta = _run_backward(ctx, grad_out, _aggregate_bwd_impl)
         return None, None, grad_w, grad_gamma, grad_beta, None, None, *grads
+
+
+class _SyncAggregateFunction(torch.autograd.Function):
+    """Eager autograd of the synchronized node (training, batch statistics merged over a process group by
+    dla_fast.ops.sync_stats between the statistics kernel and the normalize pass)."""
+
+    @staticmethod
+    def forward(ctx, config, running, group, weight, bn_weight, bn_bias, *children):
+        eps, residual, impl = config
+        totals = []
+
+        def merge(mean, var, rows):
+            mean, var, total = sync_stats.merge_batch_stats(mean, var, rows, group)
+            if running is not None:  # the caller counted the batch in num_batches_tracked
+                sync_stats.update_running_stats(*running, mean, var, total)
+            totals.append(total)
+            return mean, var
+
+        with device_guard(children[0]):
+            out, preact, mean, var = _forward_triton(children, weight, fp32_vector(bn_weight), fp32_vector(bn_bias),
+                                                     None, None, eps, residual, True, True, impl, merge_stats=merge)
+        _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var, (eps, residual, True, True, impl))
+        ctx.sync = (group, totals[0])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        eps, residual, _, _, impl = ctx.config
+        out, preact, mean, var, weight, bn_weight, *children = ctx.saved_tensors
+        with device_guard(children[0]):
+            grads, grad_w, grad_gamma, grad_beta = _backward_triton(
+                grad_out, out, preact, children, weight, fp32_vector(bn_weight), mean, var, eps, residual, True, impl,
+                sync=ctx.sync)
+        return None, None, None, grad_w, grad_gamma.to(bn_weight.dtype), grad_beta.to(bn_weight.dtype), *grads
 
 
 @torch.library.custom_op("dla_fast::aggregate_fwd", mutates_args=())
@@ -732,23 +783,8 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
                          f"the output {cout}")
 
 
-def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
-              bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
-              running_var: Optional[torch.Tensor] = None, num_batches_tracked: Optional[torch.Tensor] = None,
-              training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
-              residual: bool = False) -> torch.Tensor:
-    """ReLU(BatchNorm2d(conv1x1(cat(children))) [+ children[0]]), fused, with nn.BatchNorm2d semantics.
-
-    children: 1..8 tensors (N, C_i, H, W) of one dtype (fp32/fp16/bf16) and device, any memory format
-    (channels_last avoids a copy). weight: (Cout, sum C_i, 1, 1); bn_*: BatchNorm2d's tensors; in training
-    the running statistics and num_batches_tracked are updated in place. Returns (N, Cout, H, W) in
-    channels_last memory format. The implementation comes from dla_fast.backend (op "aggregate").
-    """
-    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, residual)
-    impl = backend.resolve(children[0].device, OP_NAME)
-    if impl == "torch":
-        return aggregate_reference(children, weight, bn_weight, bn_bias, running_mean, running_var, training,
-                                   momentum, eps, residual, num_batches_tracked)
+def _check_fused(children: Sequence[torch.Tensor], weight: torch.Tensor, impl: str) -> None:
+    """What the fused kernels need beyond check_inputs."""
     if weight.shape[-2:] != (1, 1):
         raise ValueError(f"the fused aggregation node takes 1x1 convs; got kernel {tuple(weight.shape[-2:])} "
                          "(use backend 'torch' for other kernel sizes)")
@@ -756,6 +792,56 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     if gemm_problem is not None:  # backend 'cuda' keeps the GEMM in Triton
         raise backend.BackendUnavailable(f"dla_fast backend {impl!r} cannot run op {OP_NAME!r}: its GEMM runs in "
                                          f"Triton, and {gemm_problem}")
+
+
+@torch.compiler.disable
+def _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps, residual, group):
+    """aggregate in training with the BatchNorm statistics synchronized over `group` (eager even under
+    torch.compile: the collectives are not traced). Backend 'torch': the eager reference with
+    sync_stats.sync_batch_norm_reference."""
+    impl = backend.resolve(children[0].device, OP_NAME)
+    if impl == "torch":
+        y = F.conv2d(torch.cat(list(children), 1), weight, padding=(weight.shape[-1] - 1) // 2)
+        y = sync_stats.sync_batch_norm_reference(y, bn_weight, bn_bias, running_mean, running_var,
+                                                 num_batches_tracked, momentum, eps, group)
+        return F.relu(y + children[0] if residual else y)
+    _check_fused(children, weight, impl)
+    running = None
+    if running_mean is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        elif momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        running = (running_mean, running_var, num_batches_tracked, momentum)
+    return _SyncAggregateFunction.apply((eps, residual, impl), running, group, weight, bn_weight, bn_bias, *children)
+
+
+def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+              bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor] = None,
+              running_var: Optional[torch.Tensor] = None, num_batches_tracked: Optional[torch.Tensor] = None,
+              training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
+              residual: bool = False, sync: bool = False, process_group=None) -> torch.Tensor:
+    """ReLU(BatchNorm2d(conv1x1(cat(children))) [+ children[0]]), fused, with nn.BatchNorm2d semantics.
+
+    children: 1..8 tensors (N, C_i, H, W) of one dtype (fp32/fp16/bf16) and device, any memory format
+    (channels_last avoids a copy). weight: (Cout, sum C_i, 1, 1); bn_*: BatchNorm2d's tensors; in training
+    the running statistics and num_batches_tracked are updated in place. Returns (N, Cout, H, W) in
+    channels_last memory format. The implementation comes from dla_fast.backend (op "aggregate").
+    sync, process_group: nn.SyncBatchNorm's semantics (sync=True for one; process_group None is the whole
+    world): in training in an initialized process group of more than one rank, the statistics and the
+    backward's reductions are synchronized over the group (dla_fast.ops.sync_stats), otherwise plain BatchNorm.
+    """
+    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, residual)
+    group = sync_stats.sync_group(sync, process_group, training)
+    if group is not None:
+        return _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                       num_batches_tracked, momentum, eps, residual, group)
+    impl = backend.resolve(children[0].device, OP_NAME)
+    if impl == "torch":
+        return aggregate_reference(children, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                   momentum, eps, residual, num_batches_tracked)
+    _check_fused(children, weight, impl)
     batch_stats = uses_batch_stats(training, running_mean, running_var)
     first = children[0]
     count = first.shape[0] * first.shape[2] * first.shape[3]

@@ -42,6 +42,7 @@ import triton.language as tl
 from .. import backend
 from .common import (channels_last, check_channel_vectors, device_guard, empty_channels_last, extension_ops,
                      fp32_vector, num_sms, rows_view)
+from . import sync_stats
 from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
 
 OP_NAME = "batchnorm_act"
@@ -645,8 +646,10 @@ def _forward(x, weight, bias, running_mean, running_var, residual, use_batch_sta
 
 
 def _backward(grad_out, out, x, weight, mean, var, use_batch_stats, eps, relu, impl, input_grad, residual_grad,
-              param_grad):
-    """(grad_x, grad_residual, grad_weight, grad_bias) as batchnorm_act_backward."""
+              param_grad, sync=None):
+    """(grad_x, grad_residual, grad_weight, grad_bias) as batchnorm_act_backward. sync: None, or (process
+    group, global count) of a synchronized forward: the sums for the input gradient are all-reduced (the
+    weight and bias gradients stay local)."""
     c = x.shape[1]
     grad_x = empty_channels_last(x.shape, x.dtype, x.device) if input_grad else x.new_empty(0)
     grad_residual = empty_channels_last(x.shape, x.dtype, x.device) if residual_grad else x.new_empty(0)
@@ -661,6 +664,8 @@ def _backward(grad_out, out, x, weight, mean, var, use_batch_stats, eps, relu, i
         sum_g, sum_g_xhat = ((grad_bias, grad_weight) if param_grad else
                              (x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)))
         _bn_backward_reduce_impl(grad_out2d, out2d, x2d, mean, var, eps, impl, sum_g, sum_g_xhat)
+    if sync is not None and input_grad:
+        sum_g, sum_g_xhat = sync_stats.all_reduce_grad_sums(sum_g, sum_g_xhat, sync[0], x2d.shape[0], sync[1])
     if input_grad or residual_grad:
         grad_y2d = rows_view(grad_x) if input_grad else torch.empty_like(x2d)
         _bn_backward_apply_impl(grad_out2d, out2d, x2d, mean, var, fp32_vector(weight),
@@ -708,6 +713,71 @@ class _BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         return (*_input_grads(ctx, grad_out, _backward), None, None, None, None, None)
+
+
+def _forward_synchronized(x, weight, bias, residual, eps, relu, impl, running, group):
+    """(out, mean, var, global count): _forward in training with the batch statistics merged over `group`
+    (dla_fast.ops.sync_stats) between the statistics step and the normalize pass; running statistics (if given,
+    as in _forward) updated with the global statistics, also by a rank whose batch is empty."""
+    n, c, h, w = x.shape
+    out = empty_channels_last(x.shape, x.dtype, x.device)
+    mean = x.new_zeros(c, dtype=torch.float32)
+    var = x.new_zeros(c, dtype=torch.float32)
+    x2d = rows_view(channels_last(x))
+    if n * h * w > 0:
+        _channel_stats_impl(x2d, mean, var, impl)
+    mean, var, total = sync_stats.merge_batch_stats(mean, var, n * h * w, group)
+    if running is not None:
+        running_mean, running_var, num_batches_tracked, momentum = running
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        sync_stats.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, total)
+    residual2d = None if residual is None else rows_view(channels_last(residual))
+    _bn_apply_impl(x2d, mean, var, fp32_vector(weight), fp32_vector(bias), eps, residual2d, relu, impl,
+                   rows_view(out))
+    return out, mean, var, total
+
+
+class _SyncBatchNormActFunction(torch.autograd.Function):
+    """Eager autograd of the synchronized op (training, batch statistics over a process group)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, eps, relu, impl, running, group):
+        x = channels_last(x)
+        out, mean, var, total = _forward_synchronized(x, weight, bias, residual, eps, relu, impl, running, group)
+        _save_for_backward(ctx, x, weight, bias, out, mean, var, True, eps, relu, impl)
+        ctx.sync = (group, total)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        def synchronized_backward(*args):
+            return _backward(*args, sync=ctx.sync)
+        return (*_input_grads(ctx, grad_out, synchronized_backward), None, None, None, None, None)
+
+
+@torch.compiler.disable
+def _batchnorm_act_synchronized(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                residual, relu, group):
+    """batchnorm_act in training with statistics synchronized over `group` (eager even under torch.compile:
+    the collectives are not traced). Backend 'torch' runs sync_stats.sync_batch_norm_reference."""
+    impl = backend.resolve(x.device, OP_NAME)
+    if impl == "torch":
+        y = sync_stats.sync_batch_norm_reference(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                 momentum, eps, group)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"batchnorm_act: the {impl} kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, "
+                         f"got {x.dtype}")
+    running = None
+    if running_mean is not None:
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        running = (running_mean, running_var, num_batches_tracked, momentum)
+    return _SyncBatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, eps, relu, impl,
+                                           running, group)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -807,15 +877,22 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                   num_batches_tracked: Optional[torch.Tensor] = None, training: bool = False,
                   momentum: Optional[float] = 0.1, eps: float = 1e-5, residual: Optional[torch.Tensor] = None,
-                  relu: bool = True) -> torch.Tensor:
+                  relu: bool = True, sync: bool = False, process_group=None) -> torch.Tensor:
     """ReLU?(BatchNorm2d(x) [+ residual]) with nn.BatchNorm2d semantics, fused.
 
     x, residual: (N, C, H, W), any memory format (channels_last avoids copies); the result is channels_last.
     weight, bias: [C] or None (affine=False). running_mean, running_var, num_batches_tracked: the module's
     buffers, or None (track_running_stats=False); updated in place in training (momentum=None: cumulative
     average). Batch statistics normalize in training, or when there are no running statistics.
+    sync, process_group: nn.SyncBatchNorm's semantics (sync=True for one; process_group None is the whole
+    world): in training in an initialized process group of more than one rank, the statistics and the
+    backward's reductions are synchronized over the group (dla_fast.ops.sync_stats), otherwise plain BatchNorm.
     """
     _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, residual)
+    group = sync_stats.sync_group(sync, process_group, training)
+    if group is not None:
+        return _batchnorm_act_synchronized(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                           momentum, eps, residual, relu, group)
     n, c, h, w = x.shape
     use_batch_stats = uses_batch_stats(training, running_mean, running_var)
     if use_batch_stats:

@@ -1,0 +1,317 @@
+"""One rank of the two-process gloo runs of tests/test_sync_batchnorm.py (started by its fixture, not by pytest).
+
+    python tests/sync_worker.py RANK WORLD_SIZE PORT OUT_DIR
+
+Joins a gloo process group on 127.0.0.1:PORT, runs every scenario of SCENARIOS in order (all ranks run the
+same ones: their collectives must match) and saves each scenario's results, or the error it raised, to
+OUT_DIR/<scenario>_<rank>.pt. Inputs are drawn from fixed seeds for the whole (global) batch; each rank takes
+its slice (SPLIT: unequal local batches), so the test can compute the single-process reference on the whole
+batch. Also imported by the test for those shared builders.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+SPLIT = (3, 1)          # local batch of rank 0 and rank 1
+EMPTY_SPLIT = (4, 0)    # rank 1 has an empty batch
+IMAGE = 32              # model input size: DLA-34's level 5 sees 1x1 per image
+
+
+def rank_rows(t: torch.Tensor, rank: int, split=SPLIT) -> torch.Tensor:
+    start = sum(split[:rank])
+    return t[start:start + split[rank]]
+
+
+def batchnorm_act_inputs():
+    """Whole-batch inputs of the batchnorm_act scenarios: x, residual, output gradient (4, 5, 3, 3) and the
+    module's (weight, bias, running_mean, running_var)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 5, 3, 3, generator=g) * 2 + 0.5
+    residual = torch.randn(4, 5, 3, 3, generator=g)
+    grad = torch.randn(4, 5, 3, 3, generator=g)
+    params = (torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g) * 0.2,
+              torch.randn(5, generator=g) * 0.2, torch.rand(5, generator=g) + 0.5)
+    return x, residual, grad, params
+
+
+def aggregate_inputs():
+    """Whole-batch inputs of the aggregate scenarios: children (4, 6, 3, 3) and (4, 3, 3, 3) (residual root: child
+    0 has the 6 output channels), conv weight (6, 9, 1, 1), output gradient, and (bn weight, bias, running mean,
+    running var)."""
+    g = torch.Generator().manual_seed(12)
+    children = [torch.randn(4, 6, 3, 3, generator=g), torch.randn(4, 3, 3, 3, generator=g)]
+    weight = torch.randn(6, 9, 1, 1, generator=g) * 0.3
+    grad = torch.randn(4, 6, 3, 3, generator=g)
+    params = (torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g) * 0.2,
+              torch.randn(6, generator=g) * 0.2, torch.rand(6, generator=g) + 0.5)
+    return children, weight, grad, params
+
+
+def build_model(name: str) -> torch.nn.Module:
+    """The model of a scenario with fixed random weights and BatchNorm statistics (plain nn.BatchNorm2d)."""
+    import timm
+
+    import dla_fast
+    from helpers import randomize_bn
+
+    torch.manual_seed(5)
+    if name == "dla34":
+        model = timm.create_model("dla34", pretrained=False, num_classes=7)
+    elif name == "dla34_narrow":  # DLA-34's layout (levels, blocks, roots) at 1/4 of its widths
+        from dla_fast.models.blocks import BasicBlock
+        from dla_fast.models.dla import DLA
+
+        model = DLA((1, 1, 1, 2, 2, 1), (4, 8, 16, 32, 64, 128), BasicBlock, num_classes=7)
+    else:
+        model = dla_fast.create_model("centernet_dla34", dcn=False, heads={"hm": 3, "wh": 2}, head_conv=8)
+    return randomize_bn(model, torch.Generator().manual_seed(6))
+
+
+def model_batch():
+    """(input (4, 3, IMAGE, IMAGE), seed of the output gradients)."""
+    g = torch.Generator().manual_seed(13)
+    return torch.randn(4, 3, IMAGE, IMAGE, generator=g), 14
+
+
+def model_loss(out, seed: int, rank: int, split=SPLIT) -> torch.Tensor:
+    """sum(out * G) with a fixed whole-batch G (one per output tensor): the whole batch's loss is the sum of the
+    ranks' losses. out: a tensor, or CenterNet's [dict of heads]."""
+    tensors = [out] if isinstance(out, torch.Tensor) else [out[0][k] for k in sorted(out[0])]
+    g = torch.Generator().manual_seed(seed)
+    loss = 0
+    for t in tensors:
+        whole = torch.randn((sum(split),) + tuple(t.shape[1:]), generator=g)
+        loss = loss + (t.float() * rank_rows(whole, rank, split)).sum()
+    return loss
+
+
+LAUNCHES: list = []  # names of the Triton kernels launched (interpreter), reset per run
+
+
+def _count_launches() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        LAUNCHES.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = counting_run
+
+
+def _launched() -> list:
+    names = sorted(set(LAUNCHES))
+    LAUNCHES.clear()
+    return names
+
+
+def flat_outputs(out) -> torch.Tensor:
+    tensors = [out] if isinstance(out, torch.Tensor) else [out[0][k] for k in sorted(out[0])]
+    return torch.cat([t.detach().reshape(t.shape[0], -1) for t in tensors], 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------------------------------------
+def _bn_args(params):
+    weight, bias, running_mean, running_var = (p.clone() for p in params)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    return weight, bias, running_mean, running_var, torch.tensor(3)
+
+
+def _run_batchnorm_act(rank, backend_name, split, group, momentum):
+    import dla_fast
+    from dla_fast.ops.batchnorm_act import batchnorm_act
+
+    x, residual, grad, params = batchnorm_act_inputs()
+    x = rank_rows(x, rank, split).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    residual = rank_rows(residual, rank, split).clone().requires_grad_(True)
+    weight, bias, running_mean, running_var, tracked = _bn_args(params)
+    with dla_fast.use_backend(backend_name):
+        out = batchnorm_act(x, weight, bias, running_mean, running_var, tracked, True, momentum, 1e-5, residual,
+                            True, sync=True, process_group=group)
+        out.backward(rank_rows(grad, rank, split))
+    return dict(out=out.detach(), grad_x=x.grad, grad_residual=residual.grad, grad_weight=weight.grad,
+                grad_bias=bias.grad, running_mean=running_mean, running_var=running_var, tracked=tracked,
+                kernels=_launched())
+
+
+def _run_aggregate(rank, backend_name, split, group):
+    import dla_fast
+    from dla_fast.ops.aggregate import aggregate
+
+    children, conv_weight, grad, params = aggregate_inputs()
+    children = [rank_rows(c, rank, split).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+                for c in children]
+    conv_weight = conv_weight.clone().requires_grad_(True)
+    weight, bias, running_mean, running_var, tracked = _bn_args(params)
+    with dla_fast.use_backend(backend_name):
+        out = aggregate(children, conv_weight, weight, bias, running_mean, running_var, tracked, True, 0.1, 1e-5,
+                        True, sync=True, process_group=group)
+        out.backward(rank_rows(grad, rank, split))
+    return dict(out=out.detach(), grad_children=[c.grad for c in children], grad_conv=conv_weight.grad,
+                grad_weight=weight.grad, grad_bias=bias.grad, running_mean=running_mean, running_var=running_var,
+                tracked=tracked, kernels=_launched())
+
+
+def scenario_ops(rank):
+    """The two ops with SyncBatchNorm over an explicit group of both ranks, in Triton (interpreter) and the
+    eager reference; an empty local batch; a one-rank group (plain BatchNorm, as nn.SyncBatchNorm)."""
+    import torch.distributed as dist
+
+    both = dist.new_group([0, 1])
+    alone = dist.new_group([0])  # every rank must call new_group; rank 1 is not a member
+    results = {}
+    for backend_name in ("triton", "torch"):
+        results[f"batchnorm_act_{backend_name}"] = _run_batchnorm_act(rank, backend_name, SPLIT, both, 0.1)
+        results[f"aggregate_{backend_name}"] = _run_aggregate(rank, backend_name, SPLIT, both)
+    results["batchnorm_act_empty"] = _run_batchnorm_act(rank, "triton", EMPTY_SPLIT, None, None)
+    results["aggregate_empty"] = _run_aggregate(rank, "triton", EMPTY_SPLIT, None)
+    results["batchnorm_act_alone"] = _run_batchnorm_act(rank, "triton", SPLIT, alone, 0.1)
+    return results
+
+
+def _model_step(rank, name, convert_first):
+    import dla_fast
+
+    model = build_model(name).train()
+    if convert_first:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        dla_fast.accelerate(model)
+    else:
+        dla_fast.accelerate(model)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    x, seed = model_batch()
+    _launched()
+    with dla_fast.use_backend("triton"):
+        out = model(rank_rows(x, rank).contiguous(memory_format=torch.channels_last))
+        model_loss(out, seed, rank).backward()
+    kernels = _launched()
+    dla_fast.restore(model)
+    sync_bns = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    plain_bns = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    return dict(out=flat_outputs(out), grads={n: p.grad for n, p in model.named_parameters()},
+                buffers={n: b for n, b in model.named_buffers()}, restored=(sync_bns, plain_bns), kernels=kernels)
+
+
+def scenario_dla34(rank):
+    """DLA-34 converted to SyncBatchNorm, then accelerated: one training step in Triton (interpreter)."""
+    return _model_step(rank, "dla34", convert_first=True)
+
+
+def scenario_centernet(rank):
+    """CenterNet DLA-34 (plain convs) accelerated, then converted to SyncBatchNorm: one training step."""
+    return _model_step(rank, "centernet", convert_first=False)
+
+
+def scenario_ddp(rank):
+    """Accelerated DLA-34s (narrow: DDP's semantics do not depend on the widths) with plain BatchNorm2d under
+    DistributedDataParallel, 4 KB gradient buckets: one with static_graph=True for two SGD iterations, one
+    that after a first iteration accumulates two micro-batches, the first under no_sync(); and the same steps on a local copy without DDP
+    (the reference: DDP averages the ranks' gradients). PyTorch's static_graph=True together with no_sync() is
+    broken (pytorch/pytorch#143580), hence two wrappers."""
+    import dla_fast
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, seed = model_batch()
+    micro = [rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)]
+    micro.append(micro[0].flip(0))
+
+    def grads(model):
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def step(model, inputs, step_seed):
+        model_loss(model(inputs), step_seed, rank, (2, 2)).backward()
+
+    static_model, accumulating_model, local_model = (dla_fast.accelerate(build_model("dla34_narrow").train())
+                                                     for _ in range(3))
+    static = DistributedDataParallel(static_model, bucket_cap_mb=0.004, static_graph=True)
+    accumulating = DistributedDataParallel(accumulating_model, bucket_cap_mb=0.004)
+    results = {}
+    with dla_fast.use_backend("triton"):
+        step(static, micro[0], seed)
+        results["static_step1"] = grads(static_model)
+        with torch.no_grad():
+            for p in static_model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        step(static, micro[1], seed + 1)
+        results["static_step2"] = grads(static_model)
+
+        step(accumulating, micro[1], seed + 1)  # a first synced iteration: DDP then rebuilds its buckets
+        for p in accumulating_model.parameters():
+            p.grad = None
+        with accumulating.no_sync():
+            step(accumulating, micro[0], seed)
+        results["no_sync"] = grads(accumulating_model)
+        step(accumulating, micro[1], seed + 1)
+        results["accumulated"] = grads(accumulating_model)
+
+        step(local_model, micro[0], seed)
+        results["local_a"] = grads(local_model)
+        for p in local_model.parameters():
+            p.grad = None
+        step(local_model, micro[1], seed + 1)
+        results["local_b"] = grads(local_model)
+        with torch.no_grad():
+            for n, p in local_model.named_parameters():
+                p.copy_(dict(static_model.named_parameters())[n])
+                p.grad = None
+        step(local_model, micro[1], seed + 1)
+        results["local_step2"] = grads(local_model)
+    logged = accumulating._get_ddp_logging_data()
+    results["buckets"] = (logged.get("rebuilt_bucket_sizes"),)
+    return results
+
+
+def scenario_mismatched_channels(rank):
+    """Rank 0 normalizes 4 channels, rank 1 five: both must raise (not hang)."""
+    from dla_fast.ops.batchnorm_act import batchnorm_act
+
+    c = 4 + rank
+    x = torch.randn(2, c, 3, 3)
+    try:
+        batchnorm_act(x, torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c), None, True, sync=True)
+    except ValueError as error:
+        return dict(error=str(error))
+    return dict(error=None)
+
+
+SCENARIOS = {"ops": scenario_ops, "dla34": scenario_dla34, "centernet": scenario_centernet, "ddp": scenario_ddp,
+             "mismatched_channels": scenario_mismatched_channels}
+
+
+def main(argv):
+    import torch.distributed as dist
+
+    rank, world, port, out_dir = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    names = argv[5].split(",") if len(argv) > 5 else list(SCENARIOS)
+    torch.set_num_threads(1)
+    _count_launches()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        for name in names:
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                result = SCENARIOS[name](rank)
+            except Exception:  # recorded for the test to show; the other rank may then time out
+                result = dict(exception=traceback.format_exc())
+            torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))
+            print(f"rank {rank} {name}: {time.perf_counter() - start:.1f} s, {time.process_time() - cpu:.1f} s CPU",
+                  flush=True)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,335 @@
+"""SyncBatchNorm through the fused ops, and accelerated models under DistributedDataParallel (CPU, gloo).
+
+Two worker processes (tests/sync_worker.py, TRITON_INTERPRET=1) run every distributed scenario once, with
+unequal local batches (3 and 1); each test compares their results with one process on the whole batch with
+plain nn.BatchNorm2d semantics (outputs concatenated, gradients of the weights summed over the ranks: the
+whole batch's loss is the sum of the ranks' losses). nn.SyncBatchNorm itself refuses CPU tensors in a process
+group, so the fused paths and their eager reference carry the SyncBatchNorm tests; DDP is tested with plain
+BatchNorm2d. Behaviour outside a process group is tested in this process.
+"""
+import copy
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dla_fast
+from dla_fast.ops.aggregate import aggregate_reference
+from dla_fast.ops.batchnorm_act import batchnorm_act, batchnorm_act_reference
+from dla_fast.nn import FusedRoot
+
+import sync_worker as worker
+from helpers import assert_close, rel_err
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """{scenario: [rank 0 result, rank 1 result]} from one two-process run of every scenario."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   OMP_NUM_THREADS="1")
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "sync_worker.py"), str(rank), "2",
+                                   str(port), out_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+        logs = []
+        try:
+            for p in procs:
+                logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert all(p.returncode == 0 for p in procs), "a worker failed:\n" + "\n----\n".join(logs)
+        results = {}
+        for name in worker.SCENARIOS:
+            results[name] = [torch.load(os.path.join(out_dir, f"{name}_{rank}.pt"), weights_only=False)
+                             for rank in range(2)]
+            for rank, r in enumerate(results[name]):
+                assert "exception" not in r, f"scenario {name} failed on rank {rank}:\n{r['exception']}"
+        yield results
+
+
+def _cat(results, key):
+    return torch.cat([r[key] for r in results])
+
+
+def _summed(results, key):
+    return sum(r[key] for r in results)
+
+
+def _check_kernels(results, case, expected):
+    """The Triton kernels ran on every rank in the Triton cases, none with the eager reference."""
+    for rank, r in enumerate(results):
+        if case == "torch":
+            assert r["kernels"] == [], f"rank {rank} launched {r['kernels']} with backend torch"
+        else:
+            assert set(expected) <= set(r["kernels"]), f"rank {rank} launched only {r['kernels']}"
+
+
+def _check_running(results, running_mean, running_var, tracked):
+    for rank, r in enumerate(results):
+        assert_close(r["running_mean"], running_mean, 1e-5, f"running_mean on rank {rank}")
+        assert_close(r["running_var"], running_var, 1e-5, f"running_var on rank {rank}")
+        assert int(r["tracked"]) == int(tracked), f"num_batches_tracked on rank {rank}"
+
+
+def _reference_bn_params(params):
+    weight, bias, running_mean, running_var = (p.double().clone() for p in params)
+    return weight.requires_grad_(True), bias.requires_grad_(True), running_mean, running_var, torch.tensor(3)
+
+
+def _batchnorm_act_reference(momentum, rows=None):
+    """One process, fp64, plain BatchNorm: (out, grads, running stats) on the whole batch (or on `rows`)."""
+    x, residual, grad, params = worker.batchnorm_act_inputs()
+    if rows is not None:
+        x, residual, grad = x[rows], residual[rows], grad[rows]
+    x, residual = x.double().requires_grad_(True), residual.double().requires_grad_(True)
+    weight, bias, running_mean, running_var, tracked = _reference_bn_params(params)
+    out = batchnorm_act_reference(x, weight, bias, running_mean, running_var, tracked, True, momentum, 1e-5,
+                                  residual, True)
+    out.backward(grad.double())
+    return dict(out=out, grad_x=x.grad, grad_residual=residual.grad, grad_weight=weight.grad, grad_bias=bias.grad,
+                running=(running_mean, running_var, tracked))
+
+
+@pytest.mark.parametrize("case, momentum", [("triton", 0.1), ("torch", 0.1), ("empty", None)])
+def test_batchnorm_act_synchronized_equals_one_process(runs, case, momentum):
+    """batchnorm_act (residual + ReLU) over 2 gloo ranks, local batches 3 and 1 (or 4 and 0: an empty rank
+    still synchronizes), Triton kernels or the eager reference: as one process on the whole batch."""
+    results = [r[f"batchnorm_act_{case}"] for r in runs["ops"]]
+    _check_kernels(results[:1], case, ["channel_stats_partial_kernel", "bn_apply_kernel", "bn_backward_apply_kernel"])
+    ref = _batchnorm_act_reference(momentum)
+    assert_close(_cat(results, "out"), ref["out"], 1e-5, "output")
+    for key in ("grad_x", "grad_residual"):
+        assert_close(_cat(results, key), ref[key], 1e-4, key)
+    for key in ("grad_weight", "grad_bias"):
+        assert_close(_summed(results, key), ref[key], 1e-4, f"{key} summed over the ranks")
+    _check_running(results, *ref["running"])
+
+
+def test_batchnorm_act_in_a_one_rank_group_is_plain_batchnorm(runs):
+    """process_group of rank 0 alone: both ranks normalize their own batch (rank 1 is not in the group), as
+    nn.SyncBatchNorm does for a group of world size 1 / a rank outside it."""
+    for rank, r in enumerate(runs["ops"]):
+        local = r["batchnorm_act_alone"]
+        ref = _batchnorm_act_reference(0.1, rows=slice(0, 3) if rank == 0 else slice(3, 4))
+        assert_close(local["out"], ref["out"], 1e-5, f"rank {rank} output")
+        assert_close(local["grad_x"], ref["grad_x"], 1e-4, f"rank {rank} grad_x")
+        _check_running([local], *ref["running"])
+
+
+@pytest.mark.parametrize("case", ["triton", "torch", "empty"])
+def test_aggregate_synchronized_equals_one_process(runs, case):
+    """The aggregation node (2 children, residual) over 2 gloo ranks as one process on the whole batch."""
+    results = [r[f"aggregate_{case}"] for r in runs["ops"]]
+    _check_kernels(results[:1], case, ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"])
+    children, conv_weight, grad, params = worker.aggregate_inputs()
+    children = [c.double().requires_grad_(True) for c in children]
+    conv_weight = conv_weight.double().requires_grad_(True)
+    weight, bias, running_mean, running_var, tracked = _reference_bn_params(params)
+    out = aggregate_reference(children, conv_weight, weight, bias, running_mean, running_var, True, 0.1, 1e-5,
+                              True, tracked)
+    out.backward(grad.double())
+    assert_close(_cat(results, "out"), out, 1e-5, "output")
+    for i, child in enumerate(children):
+        assert_close(torch.cat([r["grad_children"][i] for r in results]), child.grad, 1e-4, f"grad of child {i}")
+    for key, ref in (("grad_conv", conv_weight.grad), ("grad_weight", weight.grad), ("grad_bias", bias.grad)):
+        assert_close(_summed(results, key), ref, 1e-4, f"{key} summed over the ranks")
+    _check_running(results, running_mean, running_var, tracked)
+
+
+def test_mismatched_channel_counts_raise_on_every_rank(runs):
+    for rank, r in enumerate(runs["mismatched_channels"]):
+        assert r["error"] is not None and "different numbers of channels" in r["error"], f"rank {rank}: {r}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------------------------------------
+def _whole_batch_step(name, dtype):
+    """One process, plain nn.BatchNorm2d, whole batch: (outputs, weight gradients, buffers after the step)."""
+    model = worker.build_model(name).to(dtype).train()
+    x, seed = worker.model_batch()
+    out = model(x.to(dtype))
+    worker.model_loss(out, seed, 0, (sum(worker.SPLIT),)).backward()
+    return (worker.flat_outputs(out), {n: p.grad for n, p in model.named_parameters()},
+            {n: b for n, b in model.named_buffers()})
+
+
+def _check_against_whole_batch(name, results):
+    """Fused fp32 on 2 ranks vs fp64 on the whole batch, each error at most twice eager fp32's own (GUIDE: a
+    deep BatchNorm network in training is ill-conditioned) and within the fp32 parity bounds otherwise."""
+    ref_out, ref_grads, ref_buffers = _whole_batch_step(name, torch.float64)
+    eager_out, eager_grads, eager_buffers = _whole_batch_step(name, torch.float32)
+
+    def check(value, ref, eager, floor, what):
+        bound = max(2 * rel_err(eager, ref), floor)
+        assert rel_err(value, ref) <= bound, f"{what}: error {rel_err(value, ref):.3g} > {bound:.3g}"
+
+    check(_cat(results, "out"), ref_out, eager_out, 1e-5, "outputs")
+    for n, ref in ref_grads.items():
+        check(sum(r["grads"][n] for r in results), ref, eager_grads[n], 1e-4, f"grad of {n} summed over ranks")
+    for n, ref in ref_buffers.items():
+        for rank, r in enumerate(results):
+            if n.endswith("num_batches_tracked"):
+                assert int(r["buffers"][n]) == int(ref), f"{n} on rank {rank}"
+            else:
+                check(r["buffers"][n], ref, eager_buffers[n], 1e-5, f"{n} on rank {rank}")
+    _check_kernels(results, "triton", ["aggregate_fwd_kernel", "aggregate_grad_input_kernel", "bn_apply_kernel"])
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in worker.build_model(name).modules())
+    for r in results:
+        assert r["restored"] == (bns, 0), "restore() gives back the SyncBatchNorm modules"
+
+
+def test_accelerated_dla34_with_sync_batchnorm_equals_one_process(runs):
+    _check_against_whole_batch("dla34", runs["dla34"])
+
+
+def test_accelerated_centernet_converted_after_accelerate_equals_one_process(runs):
+    _check_against_whole_batch("centernet", runs["centernet"])
+
+
+def test_accelerated_dla34_under_ddp(runs):
+    """DDP with plain BatchNorm2d, bucketed all-reduce, static graph over two SGD iterations (the update
+    applied by the test on every rank), and gradient accumulation under no_sync(): the gradients are the average
+    over the ranks of the same steps run locally without DDP."""
+    results = runs["ddp"]
+
+    def averaged(key):
+        return {n: (results[0][key][n] + results[1][key][n]) / 2 for n in results[0][key]}
+
+    step1, step2 = averaged("local_a"), averaged("local_step2")
+    accumulated = {n: step1[n] + g for n, g in averaged("local_b").items()}
+    for rank, r in enumerate(results):
+        for n in step1:
+            assert_close(r["static_step1"][n], step1[n], 1e-5, f"rank {rank}, static graph, step 1 grad of {n}")
+            assert_close(r["static_step2"][n], step2[n], 1e-5, f"rank {rank}, static graph, step 2 grad of {n}")
+            assert_close(r["no_sync"][n], r["local_a"][n], 1e-5, f"rank {rank}, no_sync(): local grad of {n}")
+            assert_close(r["accumulated"][n], accumulated[n], 1e-5, f"rank {rank}, accumulated grad of {n}")
+    sizes = results[0]["buckets"][0]  # after the first synced iteration, as the accumulation step used them
+    assert sizes is not None and len(sizes.split(",")) > 4, f"gradient bucket sizes {sizes}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Outside a process group (this process: torch.distributed not initialized)
+# --------------------------------------------------------------------------------------------------------
+def test_sync_batchnorm_outside_a_process_group_runs_as_nn_sync_batchnorm():
+    """Without an initialized process group nn.SyncBatchNorm normalizes with the local batch (torch 2.14); so
+    do the fused modules and ops given sync=True: outputs, gradients and running statistics."""
+    from dla_fast.models import Root
+
+    assert not torch.distributed.is_initialized()
+    ref = nn.SyncBatchNorm.convert_sync_batchnorm(nn.ModuleDict(dict(root=Root(10, 6, residual=True)))).train()
+    fused = dla_fast.accelerate(copy.deepcopy(ref))
+    assert isinstance(fused["root"], FusedRoot) and isinstance(fused["root"].bn, nn.SyncBatchNorm)
+    children = [torch.randn(3, 6, 5, 5, requires_grad=True), torch.randn(3, 4, 5, 5, requires_grad=True)]
+    grad = torch.randn(3, 6, 5, 5)
+    out_ref = ref["root"](children)
+    out_ref.backward(grad)
+    ref_grads = [c.grad.clone() for c in children]
+    for c in children:
+        c.grad = None
+    with dla_fast.use_backend("triton"):
+        out = fused["root"](children)
+        out.backward(grad)
+    assert_close(out, out_ref, 1e-5)
+    for c, g in zip(children, ref_grads):
+        assert_close(c.grad, g, 1e-4, "input gradient")
+    assert_close(fused["root"].bn.running_var, ref["root"].bn.running_var, 1e-5, "running_var")
+    assert_close(fused["root"].bn.weight.grad, ref["root"].bn.weight.grad, 1e-4, "bn weight gradient")
+    dla_fast.restore(fused)
+    assert isinstance(fused["root"].bn, nn.SyncBatchNorm)
+
+    x = torch.randn(2, 5, 3, 3)
+    weight, bias = torch.rand(5) + 0.5, torch.randn(5)
+    with dla_fast.use_backend("triton"):
+        synced = batchnorm_act(x, weight, bias, None, None, None, True, sync=True)
+    assert_close(synced, batchnorm_act_reference(x, weight, bias, None, None, None, True), 1e-5)
+
+
+def test_accelerate_takes_sync_batchnorm_and_names_real_reasons():
+    """A SyncBatchNorm root is fused (not skipped as 'without affine parameters'); the warnings name the real
+    reason: a non-affine BatchNorm, or a normalization that is no BatchNorm."""
+    from dla_fast.models import Root
+
+    model = nn.ModuleDict(dict(a=Root(8, 4), b=Root(8, 4), c=Root(8, 4)))
+    model["a"] = nn.SyncBatchNorm.convert_sync_batchnorm(model["a"])
+    model["b"].bn = nn.SyncBatchNorm(4, affine=False)
+    model["c"].bn = nn.GroupNorm(2, 4)
+    with pytest.warns(UserWarning) as record:
+        dla_fast.accelerate(model)
+    message = "\n".join(str(w.message) for w in record)
+    assert isinstance(model["a"], FusedRoot)
+    assert "b: SyncBatchNorm without affine parameters" in message
+    assert "c: its normalization is a GroupNorm, not nn.BatchNorm2d or nn.SyncBatchNorm" in message
+    assert "a:" not in message
+
+
+def test_torchrun_bench_trains_data_parallel_on_cpu(tmp_path):
+    """`torchrun --nproc-per-node 2 -m dla_fast bench --train` on the CPU (gloo), smoke: per-rank and total
+    images/s and the scaling efficiency against one process, in the table and the JSON records."""
+    out = tmp_path / "records.json"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "dla_fast", "bench", "--train", "--device", "cpu", "--model", "dla34", "--batch", "2", "--size", "32",
+               "--warmup", "0", "--iters", "1", "--providers", "eager,dla_fast", "--no-progress", "--json", str(out)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data parallel: 2 processes, gloo, 2 images per rank" in done.stdout
+    assert "dla_fast_ddp2" in done.stdout and "scaling" in done.stdout
+    import json
+
+    records = json.loads(out.read_text())["records"]
+    assert [r["provider"] for r in records] == ["eager_ddp2", "dla_fast_ddp2"]
+    for r in records:
+        extra = r["extra"]
+        assert extra["world_size"] == 2 and extra["process_group_backend"] == "gloo"
+        assert len(extra["images_per_s_per_rank"]) == 2 and all(v > 0 for v in extra["images_per_s_per_rank"])
+        assert extra["images_per_s"] > 0 and extra["single_process_images_per_s"] > 0
+        assert abs(extra["scaling_efficiency"] - extra["images_per_s"] / (2 * extra["single_process_images_per_s"])) < 1e-9
+
+
+def test_convert_sync_batchnorm_after_accelerate_is_followed():
+    """convert_sync_batchnorm after accelerate(): the replaced block folds and runs with the new SyncBatchNorms
+    (their mode, not the stale BatchNorm2d's), in training (synchronized path, here outside a process group)
+    and in eval (folded), and restore() gives them back."""
+    from dla_fast.models.blocks import BasicBlock
+    from helpers import randomize_bn
+
+    model = randomize_bn(nn.ModuleDict(dict(block=BasicBlock(4, 4)))).train()
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    dla_fast.accelerate(model)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fused = model["block"]
+    assert all(isinstance(pair.bn, nn.SyncBatchNorm) for pair in fused.pairs)
+    x = torch.randn(2, 4, 5, 5)
+    with dla_fast.use_backend("triton"):
+        out = fused(x)
+        model.eval()
+        with torch.no_grad():
+            folded = fused(x)
+    assert all(pair.cached() for pair in fused.pairs), "the eval call did not fold"
+    assert_close(out, reference["block"](x), 1e-5, "training output")
+    assert_close(fused.bn1.running_var, reference["block"].bn1.running_var, 1e-5, "running_var")
+    reference.eval()
+    with torch.no_grad():
+        assert_close(folded, reference["block"](x), 1e-5, "eval output (folded)")
+    dla_fast.restore(model)
+    assert isinstance(model["block"], BasicBlock) and isinstance(model["block"].bn2, nn.SyncBatchNorm)
+    assert not model["block"].bn2.training
