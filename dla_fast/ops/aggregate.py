@@ -28,13 +28,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .. import backend
+from ._triton import tl, triton
 from .batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
-from .common import check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
-from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
+from .common import device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from .running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 
 MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
 CHILD_SLOTS = tl.constexpr(MAX_CHILDREN)
@@ -133,7 +132,7 @@ def aggregate_fwd_kernel(
         z = acc * scale[None, :] + (beta - mean * scale)[None, :]
         if RESIDUAL:  # child 0 has Cout channels
             z += tl.load(x0 + tile, mask=mask, other=0.0).to(tl.float32)
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum drops it)
         tl.store(out_ptr + tile, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -187,7 +186,7 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
     """One gradient tile of child i: rows offs_m, its column tile pid_n - tile_start.
 
     grad x_i = dy @ W[:, k_offset : k_offset + C] with dy, the gradient at the pre-BN y, computed on the fly
-    from g = grad_out where out > 0 (the ReLU mask from the saved output):
+    from g = grad_out, zeroed where the saved output is <= 0 (eager's ReLU backward: a NaN output passes g):
       batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
                           written as k*g + coef_y*y + coef_1 per channel;
       running statistics: dy = k g.
@@ -205,7 +204,7 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
         k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
         grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.where(out > 0.0, grad_out, 0.0) * k[None, :]
+        dy = tl.where(out <= 0.0, 0.0, grad_out) * k[None, :]
         if BATCH_STATS:
             mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
             sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
@@ -225,7 +224,7 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
     if RESIDUAL and i == 0:  # the residual's gradient is g itself (child 0 has Cout channels)
         grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(out > 0.0, grad_out, 0.0)
+        acc += tl.where(out <= 0.0, 0.0, grad_out)
     tl.store(grad_ptr + tile, acc.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -583,8 +582,11 @@ aggregate_fwd.register_autograd(_custom_op_backward, setup_context=_custom_op_se
 # --------------------------------------------------------------------------------------------------------
 def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
                  bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                 num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: Optional[float], eps: float,
                  residual: bool) -> None:
-    """Raise ValueError naming the problem for inputs the aggregation node cannot take."""
+    """The aggregation node's argument rules, checked before any backend runs (the same errors on every
+    backend): ValueError/TypeError naming the problem, nn.BatchNorm2d's rules for the BatchNorm arguments
+    (running_stats.check_batchnorm_args)."""
     if not isinstance(children, (list, tuple)) or not 1 <= len(children) <= MAX_CHILDREN:
         count = len(children) if isinstance(children, (list, tuple)) else type(children).__name__
         raise ValueError(f"aggregate takes a list of 1 to {MAX_CHILDREN} children; got {count}")
@@ -593,8 +595,8 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
         if not isinstance(c, torch.Tensor) or c.dim() != 4:
             raise ValueError(f"child {i} must be a 4-D (N, C, H, W) tensor; got "
                              f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
-        if c.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"child {i} has dtype {c.dtype}; aggregate supports float32, float16, bfloat16")
+        if not c.dtype.is_floating_point:
+            raise ValueError(f"child {i} has dtype {c.dtype}; aggregate takes floating-point children")
         if c.dtype != first.dtype:
             raise ValueError(f"children must share a dtype: child 0 is {first.dtype}, child {i} is {c.dtype}")
         if c.device != first.device:
@@ -608,9 +610,15 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
                          f"channels in all ({' + '.join(str(c.shape[1]) for c in children)})")
     if weight.device != first.device:
         raise ValueError(f"conv weight is on {weight.device}, the children on {first.device}")
+    if weight.dtype != first.dtype and not (weight.dtype == torch.float32
+                                            and first.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"conv weight has dtype {weight.dtype}; with {first.dtype} children it must be "
+                        f"{first.dtype}{' or torch.float32' if first.element_size() == 2 else ''}")
     cout = weight.shape[0]
-    check_channel_vectors("aggregate (the conv's outputs)", cout, first.device, bn_weight=bn_weight,
-                          bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    check_batchnorm_args("aggregate (the conv's outputs)", first.dtype, cout,
+                         first.shape[0] * first.shape[2] * first.shape[3], first.device, weight=bn_weight,
+                         bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps)
     if residual and first.shape[1] != cout:
         raise ValueError(f"a residual root adds child 0 to its output: child 0 has {first.shape[1]} channels, "
                          f"the output {cout}")
@@ -623,13 +631,15 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
               residual: bool = False) -> torch.Tensor:
     """ReLU(BatchNorm2d(conv1x1(cat(children))) [+ children[0]]), fused, with nn.BatchNorm2d semantics.
 
-    children: 1..8 tensors (N, C_i, H, W) of one dtype (fp32/fp16/bf16) and device, any memory format
+    children: 1..8 tensors (N, C_i, H, W) of one floating dtype and device (the kernels take fp32/fp16/bf16;
+    backend 'auto' runs the eager reference for others), any memory format
     (channels_last avoids a copy). weight: (Cout, sum C_i, 1, 1); bn_*: BatchNorm2d's tensors; in training
     the running statistics and num_batches_tracked are updated in place. Returns (N, Cout, H, W) in
     channels_last memory format. The implementation comes from dla_fast.backend (op "aggregate").
     """
-    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, residual)
-    impl = backend.resolve(children[0].device, OP_NAME)
+    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                 momentum, eps, residual)
+    impl = backend.resolve(children[0].device, OP_NAME, children[0].dtype)
     if impl == "torch":
         return aggregate_reference(children, weight, bn_weight, bn_bias, running_mean, running_var, training,
                                    momentum, eps, residual, num_batches_tracked)
@@ -643,8 +653,6 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     batch_stats = uses_batch_stats(training, running_mean, running_var)
     first = children[0]
     count = first.shape[0] * first.shape[2] * first.shape[3]
-    if batch_stats:
-        check_batch_size(count, weight.shape[0])
     save_preact = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*children, weight, bn_weight, bn_bias))
     given = (None, None) if batch_stats else (running_mean, running_var)
@@ -659,8 +667,6 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     if training and running_mean is not None:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        elif momentum is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)

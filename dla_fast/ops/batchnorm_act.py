@@ -20,7 +20,8 @@ Public pieces:
   torch.compile (functional; the running statistics are updated outside them with
   `running_stats.update_running_stats`, which inductor fuses). Both paths share the forward and backward.
 
-The math, with xhat = (y - mean) * rsqrt(var + eps), g = grad_out * (out > 0) with ReLU else grad_out:
+The math, with xhat = (y - mean) * rsqrt(var + eps), g = grad_out zeroed where out <= 0 with
+ReLU (a NaN output passes it, as eager's threshold_backward), else grad_out:
     forward:  out = [relu](xhat * weight + bias [+ residual])
     backward: grad_y = weight * rsqrt(var + eps) * (g - sum(g) / M - xhat * sum(g * xhat) / M) (batch stats),
               grad_y = weight * rsqrt(var + eps) * g (running stats, eval); grad_residual = g;
@@ -36,17 +37,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .. import backend
-from .common import (channels_last, check_channel_vectors, device_guard, empty_channels_last, extension_ops,
+from ._triton import tl, triton
+from .common import (channels_last, device_guard, empty_channels_last, extension_ops,
                      fp32_vector, num_sms, rows_view)
-from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
+from .running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 
 OP_NAME = "batchnorm_act"
 IMPLS = ("torch", "triton", "cuda")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Triton launch shape: a program handles [BLOCK_M, BLOCK_C] tiles of TILE_ELEMENTS values; the reductions
 # give each program a run of tiles, with about PROGRAMS_PER_SM programs per streaming multiprocessor.
@@ -785,18 +784,20 @@ batchnorm_act_forward.register_autograd(_forward_backward, setup_context=_forwar
 # Public op
 # --------------------------------------------------------------------------------------------------------
 
-def _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, residual) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
-                         f"{tuple(x.shape)}")
-    check_channel_vectors("batchnorm_act", x.shape[1], x.device, weight=weight, bias=bias,
-                          running_mean=running_mean, running_var=running_var)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("batchnorm_act: give both running_mean and running_var, or neither")
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
-                                            or num_batches_tracked.device != x.device):
-        raise ValueError(f"batchnorm_act: num_batches_tracked must be a one-element tensor on {x.device}, got "
-                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
+def check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                 residual) -> None:
+    """The op's argument rules, checked before any backend runs (the same errors on every backend): x a 4-D
+    floating-point tensor, residual like x, and nn.BatchNorm2d's rules for the rest
+    (running_stats.check_batchnorm_args)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got "
+                         f"{f'a {x.dim()}-D tensor of shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"batchnorm_act: x must be a floating-point tensor, got {x.dtype}")
+    n, c, h, w = x.shape
+    check_batchnorm_args("batchnorm_act", x.dtype, c, n * h * w, x.device, weight=weight, bias=bias,
+                         running_mean=running_mean, running_var=running_var,
+                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         raise ValueError(f"batchnorm_act: residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) "
@@ -815,18 +816,13 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
     buffers, or None (track_running_stats=False); updated in place in training (momentum=None: cumulative
     average). Batch statistics normalize in training, or when there are no running statistics.
     """
-    _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, residual)
+    check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual)
     n, c, h, w = x.shape
     use_batch_stats = uses_batch_stats(training, running_mean, running_var)
-    if use_batch_stats:
-        check_batch_size(n * h * w, c)
-    impl = backend.resolve(x.device, OP_NAME)
+    impl = backend.resolve(x.device, OP_NAME, x.dtype)
     if impl == "torch":
         return batchnorm_act_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
                                        momentum, eps, residual, relu)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"batchnorm_act: the {impl} kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, "
-                         f"got {x.dtype}")
     if torch.compiler.is_compiling():
         out, mean, var = batchnorm_act_forward(x, weight, bias, running_mean, running_var, residual,
                                                use_batch_stats, eps, relu, impl)
@@ -835,8 +831,6 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
         return out
     running = None
     if training and running_mean is not None:
-        if momentum is None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps,
                                        relu, impl, running)

@@ -29,9 +29,9 @@ Implementations, chosen by `dla_fast.backend.resolve(low.device, "upsample_merge
 - 'triton': the Triton kernels below;
 - 'cuda':   `torch.ops.dla_fast_C.upsample_merge_forward/backward` from the extension (CUDA kernels for CUDA
             tensors, C++ kernels for CPU tensors).
-The fused paths take fp32 / fp16 / bf16 (accumulating in fp32) and work on channels_last (NHWC) tensors seen
-as 2-D [N*H*W, C] row-major matrices; inputs in another layout are copied to channels_last first, and the
-output is always channels_last. In eager mode the fused paths run through a plain autograd.Function (the
+The fused paths take fp32 / fp16 / bf16 (accumulating in fp32; 'auto' runs the reference for other dtypes)
+and work on channels_last (NHWC) tensors seen as 2-D [N*H*W, C] row-major matrices; inputs in another layout
+are copied to channels_last first, and the output is always channels_last. In eager mode the fused paths run through a plain autograd.Function (the
 least host overhead per call); under torch.compile they are the custom ops `dla_fast::upsample_merge_fwd` /
 `_bwd`, with fake (meta) kernels and autograd registered, so torch.compile(fullgraph=True) traces through them.
 Both call the same forward / backward implementations. Double backward is not supported by the fused paths.
@@ -42,16 +42,14 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .. import backend
+from ._triton import tl, triton
 from .common import channels_last, device_guard, extension_ops
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
 MODES = ("add", "concat")
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # grad_weight partial rows at most (Triton backward): each program sums ceil(tiles / MAX_PARTIAL_ROWS)
 # consecutive pixel tiles into its own row, so the final reduce reads a bounded buffer. The grouping depends on
 # the shape only, which keeps the result deterministic.
@@ -416,11 +414,9 @@ def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, 
     The implementation comes from `dla_fast.backend.resolve(low.device, "upsample_merge")`.
     """
     check_upsample_merge_inputs(low, weight, high, factor, mode)
-    impl = backend.resolve(low.device, "upsample_merge")
+    impl = backend.resolve(low.device, "upsample_merge", low.dtype)
     if impl == "torch":
         return _eager_upsample_merge(low, weight, high, factor, mode)
-    if low.dtype not in FUSED_DTYPES:
-        raise TypeError(f"upsample_merge: the {impl!r} kernels take float32, float16 or bfloat16, got {low.dtype}")
     if torch.compiler.is_compiling():
         return upsample_merge_fwd(low, weight, high, factor, mode == "concat", impl)
     return _UpsampleMergeFunction.apply(low, weight, high, factor, mode == "concat", impl)
