@@ -129,7 +129,7 @@ def aggregate_fwd_kernel(
         gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0)
         beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0)
         scale = gamma * tl.rsqrt(var + eps)
-        z = acc * scale[None, :] + (beta - mean * scale)[None, :]
+        z = (acc - mean[None, :]) * scale[None, :] + beta[None, :]  # eager CUDA's grouping (NaN/Inf as there)
         if RESIDUAL:  # child 0 has Cout channels
             z += tl.load(x0 + tile, mask=mask, other=0.0).to(tl.float32)
         z = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum drops it)
@@ -187,8 +187,7 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
 
     grad x_i = dy @ W[:, k_offset : k_offset + C] with dy, the gradient at the pre-BN y, computed on the fly
     from g = grad_out, zeroed where the saved output is <= 0 (eager's ReLU backward: a NaN output passes g):
-      batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
-                          written as k*g + coef_y*y + coef_1 per channel;
+      batch statistics:   dy = k (g - sum_g/M - (y - mean) * (invstd sum_gx/M)), k = gamma*invstd;
       running statistics: dy = k g.
     The programs with store_dy also write dy for the weight gradient.
     """
@@ -204,15 +203,14 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
         k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
         grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.where(out <= 0.0, 0.0, grad_out) * k[None, :]
-        if BATCH_STATS:
+        g = tl.where(out <= 0.0, 0.0, grad_out)
+        if BATCH_STATS:  # eager's grouping, so NaN / Inf come out where they do in eager
             mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
-            sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
-            sum_gx = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0)
-            coef_y = -k * invstd * sum_gx / M
-            coef_1 = k * (mean * invstd * sum_gx - sum_g) / M
+            offset = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0) / M
+            slope = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0) * invstd / M
             y = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-            dy += y * coef_y[None, :] + coef_1[None, :]
+            g = g - offset[None, :] - (y - mean[None, :]) * slope[None, :]
+        dy = g * k[None, :]
         dy = tl.where(mask, dy, 0.0).to(dy_ptr.dtype.element_ty)
         if store_dy:
             tl.store(dy_ptr + tile, dy, mask=mask)

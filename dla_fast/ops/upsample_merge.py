@@ -206,10 +206,11 @@ def upsample_merge_bwd_kernel(grad_ptr, low_ptr, weight_t_ptr, grad_low_ptr, par
                             mask=tap_mask, other=0.0).to(tl.float32)
                 k = ky * (2 * FACTOR) + kx
                 wt = tl.load(weight_t_ptr + k * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-                acc_low += g * wt[None, :]
+                # Taps outside the output are skipped, not added as 0 * w (0 * NaN / Inf would be NaN).
+                acc_low += tl.where(tap_mask, g * wt[None, :], 0.0)
                 partial_ptrs = partial_row_ptr + k * C + cols
                 previous = tl.load(partial_ptrs, mask=col_ok & (tile > 0), other=0.0)
-                tl.store(partial_ptrs, previous + tl.sum(g * x, axis=0), mask=col_ok)
+                tl.store(partial_ptrs, previous + tl.sum(tl.where(tap_mask, g * x, 0.0), axis=0), mask=col_ok)
         tl.store(grad_low_ptr + rows[:, None] * C + cols[None, :], acc_low.to(grad_low_ptr.dtype.element_ty),
                  mask=mask)
         # The next tile reads this tile's partial sums, which other threads of the program may have written.
