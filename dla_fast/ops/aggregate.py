@@ -668,3 +668,76 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile (dla_fast.ops.aot): every configuration the launchers above can pick on a GPU
+# --------------------------------------------------------------------------------------------------------
+def kernel_configurations() -> list:
+    """The aggregation node's Triton kernels in every configuration `_forward_triton` / `_backward_triton`
+    launch on CUDA tensors: tile sizes from `_tile_sizes` (M below / above its threshold, Cout up to the largest
+    tile), options from `_launch_options`, both fp32 dot precisions, every child count, residual, mode and
+    running-statistics dtype."""
+    from .aot import make_config, triton_type
+    cuda = torch.device("cuda")
+    configs = []
+    precisions = {torch.float32: ("tf32", "ieee"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
+    children = [f"x{i}" for i in range(MAX_CHILDREN)]
+    counts = {f"c{i}": "i32" for i in range(MAX_CHILDREN)}
+    for dtype in backend.FUSED_DTYPES:
+        act = "*" + triton_type(dtype)
+        wgmma = dtype != torch.float32
+        fwd_tiles = {_tile_sizes("fwd", m, cout, dtype, cuda) for m in (1, 1 << 20) for cout in (1, 17, 33, 65, 1024)}
+        for (block_m, block_n, block_k), precision, num in _product(sorted(fwd_tiles), precisions[dtype],
+                                                                    range(1, MAX_CHILDREN + 1)):
+            for residual, (apply_bn, store_preact, stats) in _product(
+                    (False, True), ((True, False, False), (True, True, False), (False, True, True))):
+                args = dict({c: act for c in children}, **counts, w_ptr=act, stride_wn="i32", out_ptr=act,
+                            y_ptr=act if store_preact else "*fp32", part_sum_ptr="*fp32", part_m2_ptr="*fp32",
+                            mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32", beta_ptr="*fp32", M="i32",
+                            Cout="i32", eps="fp32")
+                configs.append(make_config(
+                    aggregate_fwd_kernel, args,
+                    dict(NUM_CHILDREN=num, RESIDUAL=residual, APPLY_BN=apply_bn, STORE_PREACT=store_preact,
+                         COMPUTE_STATS=stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                         DOT_PRECISION=precision),
+                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_m * block_n, cuda)))
+            # the statistics merge runs after a training forward, on tiles of block_m rows
+            for running in (None, "*fp32", "*fp16", "*bf16"):
+                for counter, cumulative in (((None, False),) if running is None else
+                                            (("*i64", False), ("*i64", True), (None, False))):
+                    args = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
+                                running_mean_ptr=running or "*fp32", running_var_ptr=running or "*fp32",
+                                num_batches_ptr=counter or "*fp32", momentum="fp32", M="i32", C="i32",
+                                num_tiles="i32")
+                    configs.append(make_config(
+                        aggregate_stats_merge_kernel, args,
+                        dict(TILE_ROWS=block_m, UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative,
+                             BLOCK_T=256, BLOCK_C=16), label=running or "no running stats"))
+        for precision, num in _product(precisions[dtype], range(1, MAX_CHILDREN + 1)):
+            block_m, block_c, block_co = _tile_sizes("grad_input", 1, 1, dtype, cuda)
+            for residual, batch_stats in _product((False, True), (False, True)):
+                args = dict({f"g{i}": act for i in range(MAX_CHILDREN)}, **counts, grad_out_ptr=act, out_ptr=act,
+                            y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32", sum_gx_ptr="*fp32", mean_ptr="*fp32",
+                            var_ptr="*fp32", gamma_ptr="*fp32", w_ptr=act, stride_wn="i32", M="i32", Cout="i32",
+                            eps="fp32")
+                configs.append(make_config(
+                    aggregate_grad_input_kernel, args,
+                    dict(NUM_CHILDREN=num, RESIDUAL=residual, BATCH_STATS=batch_stats, BLOCK_M=block_m,
+                         BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision),
+                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_m * block_c, cuda)))
+            for cout in (1, 17, 33, 1024):
+                block_wco, block_wc, block_wm = _tile_sizes("grad_weight", 1, cout, dtype, cuda)
+                args = dict({c: act for c in children}, **counts, dy_ptr=act, partial_ptr="*fp32", M="i32",
+                            Cout="i32", K="i32", rows_per_split="i32")
+                configs.append(make_config(
+                    aggregate_grad_weight_kernel, args,
+                    dict(NUM_CHILDREN=num, BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
+                         DOT_PRECISION=precision),
+                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_wco * block_wc, cuda)))
+    return configs
+
+
+def _product(*axes):
+    import itertools
+    return itertools.product(*axes)

@@ -834,3 +834,89 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps,
                                        relu, impl, running)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile (dla_fast.ops.aot): every configuration the Triton launchers above can pick
+# --------------------------------------------------------------------------------------------------------
+
+def kernel_configurations() -> list:
+    """The Triton kernels of this module in every configuration their launchers pick on CUDA tensors: tiles from
+    `_tile_shape` (every channel count up to MAX_BLOCK_C), merge widths BLOCK_P up to MAX_BLOCK_PARTIALS, the
+    running-statistics update's BLOCK_C up to 1024, every flag, activation and running-statistics dtype; the
+    launchers pass no num_warps / num_stages (Triton's defaults, 4 and 3)."""
+    from .aot import make_config, triton_type
+    tiles = sorted({_tile_shape(c) for c in (1, 2, 3, 5, 9, 17, 33, 65)})
+    block_ps = sorted({min(triton.next_power_of_2(p), MAX_BLOCK_PARTIALS) for p in (1, 2, 3, 5, 9, 17, 33, 65)})
+    f32 = "*fp32"
+    configs = []
+    for dtype in backend.FUSED_DTYPES:
+        act = "*" + triton_type(dtype)
+        for (block_m, block_c), flag in _flag_product(tiles, 1):
+            configs.append(make_config(
+                channel_stats_partial_kernel,
+                dict(y_ptr=act, partial_mean_ptr=f32, partial_m2_ptr=f32, num_batches_ptr="*i64" if flag[0] else f32,
+                     M="i32", C="i32", rows_per_program="i32"),
+                dict(COUNT_BATCH=flag[0], BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+            configs.append(make_config(
+                bn_backward_reduce_partial_kernel,
+                dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, mean_ptr=f32, partial_g_ptr=f32, partial_gc_ptr=f32,
+                     M="i32", C="i32", rows_per_program="i32"),
+                dict(RELU=flag[0], BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+        for (block_m, block_c), (has_weight, has_bias, has_residual, relu) in _flag_product(tiles, 4):
+            configs.append(make_config(
+                bn_apply_kernel,
+                dict(y_ptr=act, residual_ptr=act, out_ptr=act, mean_ptr=f32, var_ptr=f32, weight_ptr=f32,
+                     bias_ptr=f32, M="i32", C="i32", eps="fp32"),
+                dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
+                     BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+        for (block_m, block_c), (has_weight, batch_stats, relu, residual_grad) in _flag_product(tiles, 4):
+            configs.append(make_config(
+                bn_backward_apply_kernel,
+                dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, mean_ptr=f32, var_ptr=f32, weight_ptr=f32,
+                     sum_g_ptr=f32, sum_g_xhat_ptr=f32, grad_y_ptr=act, grad_residual_ptr=act, M="i32", C="i32",
+                     eps="fp32"),
+                dict(HAS_WEIGHT=has_weight, BATCH_STATS=batch_stats, RELU=relu, WRITE_RESIDUAL_GRAD=residual_grad,
+                     BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+        for (_, block_c), block_p in [(t, p) for t in tiles for p in block_ps]:
+            for running, counter, cumulative in _running_variants():
+                configs.append(make_config(
+                    channel_stats_merge_kernel,
+                    dict(y_ptr=act, partial_mean_ptr=f32, partial_m2_ptr=f32, mean_ptr=f32, var_ptr=f32,
+                         running_mean_ptr=running or f32, running_var_ptr=running or f32,
+                         num_batches_ptr=counter or f32, momentum="fp32", M="i32", C="i32", num_partials="i32",
+                         rows_per_program="i32"),
+                    dict(UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, BLOCK_P=block_p, BLOCK_C=block_c),
+                    label=f"{triton_type(dtype)},running {running}"))
+    for (_, block_c), block_p in [(t, p) for t in tiles for p in block_ps]:
+        configs.append(make_config(
+            bn_backward_reduce_merge_kernel,
+            dict(partial_g_ptr=f32, partial_gc_ptr=f32, var_ptr=f32, sum_g_ptr=f32, sum_g_xhat_ptr=f32, C="i32",
+                 num_partials="i32", eps="fp32"),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c)))
+    for block_c in sorted({min(triton.next_power_of_2(c), 1024) for c in (1, 3, 5, 9, 17, 33, 65, 129, 257, 513,
+                                                                          1025)}):
+        for running, counter, cumulative in _running_variants():
+            if running is None:
+                continue
+            configs.append(make_config(
+                running_stats_update_kernel,
+                dict(mean_ptr=f32, var_ptr=f32, running_mean_ptr=running, running_var_ptr=running,
+                     num_batches_ptr=counter or f32, momentum="fp32", bessel="fp32", C="i32"),
+                dict(COUNT_BATCH=counter is not None, CUMULATIVE=cumulative, BLOCK_C=block_c),
+                label=f"running {running}"))
+    return configs
+
+
+def _flag_product(tiles, flags: int):
+    import itertools
+    return itertools.product(tiles, itertools.product((False, True), repeat=flags))
+
+
+def _running_variants():
+    """(running-statistics pointer type or None, num_batches_tracked pointer type or None, cumulative)."""
+    yield None, None, False
+    for running in ("*fp32", "*fp16", "*bf16"):
+        yield running, "*i64", False
+        yield running, "*i64", True
+        yield running, None, False

@@ -421,3 +421,40 @@ def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, 
     if torch.compiler.is_compiling():
         return upsample_merge_fwd(low, weight, high, factor, mode == "concat", impl)
     return _UpsampleMergeFunction.apply(low, weight, high, factor, mode == "concat", impl)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile (dla_fast.ops.aot): every configuration the Triton launchers above can pick
+# ----------------------------------------------------------------------------------------------------------
+
+AOT_FACTORS = (2, 4, 8, 16)  # the upsampling factors of the DLA-Up / CenterNet IDA paths
+
+
+def kernel_configurations() -> list:
+    """The Triton kernels in every configuration `_triton_forward` / `_triton_backward` pick: the channel tiles
+    of every channel count (up to their 64 / 32 caps), both modes, the factors in AOT_FACTORS, every dtype
+    (num_warps 4, as the launchers pass; num_stages: Triton's default, 3)."""
+    from .aot import make_config, triton_type
+    configs = []
+    for dtype in backend.FUSED_DTYPES:
+        t = "*" + triton_type(dtype)
+        for factor in AOT_FACTORS:
+            for block_c in sorted({min(64, triton.next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33, 65)}):
+                for concat in (False, True):
+                    configs.append(make_config(
+                        upsample_merge_fwd_kernel,
+                        dict(low_ptr=t, weight_t_ptr=t, high_ptr=t, out_ptr=t, M_out="i32", C="i32", C_high="i32",
+                             C_out="i32", H="i32", W="i32", h="i32", w="i32", n_high_channel_blocks="i32"),
+                        dict(FACTOR=factor, CONCAT=concat, BLOCK_M=max(16, 2048 // block_c), BLOCK_C=block_c),
+                        num_warps=4, label=triton_type(dtype)))
+            for block_c in sorted({min(32, triton.next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33)}):
+                configs.append(make_config(
+                    upsample_merge_bwd_kernel,
+                    dict(grad_ptr=t, low_ptr=t, weight_t_ptr=t, grad_low_ptr=t, partial_ptr="*fp32", M_low="i32",
+                         C="i32", H="i32", W="i32", h="i32", w="i32", grad_row_stride="i32",
+                         grad_channel_offset="i32", tiles_per_program="i32"),
+                    dict(FACTOR=factor, BLOCK_M=64, BLOCK_C=block_c), num_warps=4, label=triton_type(dtype)))
+            configs.append(make_config(
+                grad_weight_reduce_kernel, dict(partial_ptr="*fp32", grad_weight_ptr=t, n_blocks="i32", C="i32"),
+                dict(TAPS=4 * factor * factor, BLOCK=256), num_warps=4, label=triton_type(dtype)))
+    return configs
