@@ -677,7 +677,7 @@ def kernel_configurations() -> list:
     """The aggregation node's Triton kernels in every configuration `_forward_triton` / `_backward_triton`
     launch on CUDA tensors: tile sizes from `_tile_sizes` (M below / above its threshold, Cout up to the largest
     tile), options from `_launch_options`, both fp32 dot precisions, every child count, residual, mode and
-    running-statistics dtype."""
+    running-statistics dtype. 16-bit tiles with at least 64 rows (wgmma's smallest M) must use wgmma."""
     from .aot import make_config, triton_type
     cuda = torch.device("cuda")
     configs = []
@@ -730,11 +730,12 @@ def kernel_configurations() -> list:
                 block_wco, block_wc, block_wm = _tile_sizes("grad_weight", 1, cout, dtype, cuda)
                 args = dict({c: act for c in children}, **counts, dy_ptr=act, partial_ptr="*fp32", M="i32",
                             Cout="i32", K="i32", rows_per_split="i32")
-                configs.append(make_config(
+                configs.append(make_config(  # wgmma tiles have at least 64 rows: dW's rows are BLOCK_CO
                     aggregate_grad_weight_kernel, args,
                     dict(NUM_CHILDREN=num, BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
                          DOT_PRECISION=precision),
-                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_wco * block_wc, cuda)))
+                    needs_wgmma=wgmma and block_wco >= 64, label=triton_type(dtype),
+                    **_launch_options(block_wco * block_wc, cuda)))
     return configs
 
 
