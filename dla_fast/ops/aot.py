@@ -286,8 +286,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{'yes' if result.has_hgmma else 'no':>5}  {'; '.join(found)}")
     print(f"{failed} with problems")
     if args.json:
-        records = [dict(name=c.name, needs_wgmma=c.needs_wgmma, problems=problems(c, r),
-                        **(dataclasses.asdict(r) if not isinstance(r, str) else dict(error=r)))
+        records = [dict(dataclasses.asdict(r) if not isinstance(r, str) else dict(error=r), name=c.name,
+                        needs_wgmma=c.needs_wgmma, problems=problems(c, r))
                    for c, r in zip(configs, results)]
         with open(args.json, "w") as f:
             json.dump(dict(total=total, selected=len(configs), records=records), f, indent=1)
