@@ -789,9 +789,11 @@ def check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked
     """The op's argument rules, checked before any backend runs (the same errors on every backend): x a 4-D
     floating-point tensor, residual like x, and nn.BatchNorm2d's rules for the rest
     (running_stats.check_batchnorm_args)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got "
-                         f"{f'a {x.dim()}-D tensor of shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batchnorm_act: x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"batchnorm_act: x must be a floating-point tensor, got {x.dtype}")
     n, c, h, w = x.shape
