@@ -31,8 +31,8 @@ Implementations, chosen by `dla_fast.backend.resolve(low.device, "upsample_merge
             tensors, C++ kernels for CPU tensors).
 The fused paths take fp32 / fp16 / bf16 (accumulating in fp32; 'auto' runs the reference for other dtypes)
 and work on channels_last (NHWC) tensors seen as 2-D [N*H*W, C] row-major matrices; inputs in another layout
-are copied to channels_last first, and the output is always channels_last. In eager mode the fused paths run through a plain autograd.Function (the
-least host overhead per call); under torch.compile they are the custom ops `dla_fast::upsample_merge_fwd` /
+are copied to channels_last first, and the output is always channels_last. In eager mode the fused paths run
+through a plain autograd.Function (the least host overhead per call); under torch.compile they are the custom ops `dla_fast::upsample_merge_fwd` /
 `_bwd`, with fake (meta) kernels and autograd registered, so torch.compile(fullgraph=True) traces through them.
 Both call the same forward / backward implementations. Double backward is not supported by the fused paths.
 """
