@@ -238,8 +238,10 @@ void bn_backward_apply_cpu_kernel(const scalar_t* grad_out, const scalar_t* out,
       for (int64_t c = 0; c < channels; ++c) {
         float g = static_cast<float>(grad_out[base + c]);
         if (out != nullptr) g = relu_grad(g, static_cast<float>(out[base + c]));
-        const float centered = static_cast<float>(y[base + c]) - mean[c];
-        grad_y[base + c] = static_cast<scalar_t>(scale[c] * (g - offset[c] - centered * slope[c]));
+        // Running statistics: no centred term at all (0 * a NaN / Inf input would make it NaN; eager's is g * scale).
+        const float centered = sum_g != nullptr ? static_cast<float>(y[base + c]) - mean[c] : 0.f;
+        grad_y[base + c] = static_cast<scalar_t>(sum_g != nullptr ? scale[c] * (g - offset[c] - centered * slope[c])
+                                                                  : scale[c] * g);
         if (grad_residual != nullptr) grad_residual[base + c] = static_cast<scalar_t>(g);
       }
     }

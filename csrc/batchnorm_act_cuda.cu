@@ -354,17 +354,23 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row_end = min(rows, row_begin + rows_per_block);
   for (int64_t r = row_begin + threadIdx.y; r < row_end; r += blockDim.y) {
     const int64_t offset = r * channels + c0;
-    float g[VEC], v[VEC], gy[VEC];
+    float g[VEC], gy[VEC];
     load_as_float<scalar_t, VEC>(grad_out + offset, g);
-    load_as_float<scalar_t, VEC>(y + offset, v);
     if (out != nullptr) {
       float o[VEC];
       load_as_float<scalar_t, VEC>(out + offset, o);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) g[i] = relu_grad(g[i], o[i]);
     }
+    if (sum_g != nullptr) {
+      float v[VEC];
+      load_as_float<scalar_t, VEC>(y + offset, v);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) gy[i] = scale[i] * (g[i] - offset_g[i] - (v[i] - mu[i]) * slope[i]);
+      for (int i = 0; i < VEC; ++i) gy[i] = scale[i] * (g[i] - offset_g[i] - (v[i] - mu[i]) * slope[i]);
+    } else {  // running statistics: eager's g * scale (no 0 * (y - mean) term, which a NaN / Inf would poison)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) gy[i] = scale[i] * g[i];
+    }
     store_from_float<scalar_t, VEC>(grad_y + offset, gy);
     if (grad_residual != nullptr) store_from_float<scalar_t, VEC>(grad_residual + offset, g);
   }

@@ -8,7 +8,8 @@ The choice comes from `set_backend(name)` / `use_backend(name)`, else the enviro
   dla_fast imported its kernels (how CI runs them without a GPU).
 - `cuda`:   the hand-written kernels of the extension `dla_fast._C` for the memory-bound steps; the
   GEMM-shaped parts (the aggregation node's 1x1 conv) stay in Triton.
-- `auto`:   fused kernels for CUDA tensors, the eager path for CPU tensors.
+- `auto`:   fused kernels for CUDA tensors, the eager path for CPU tensors and for dtypes the kernels do
+  not take (fp64; explicit `triton` / `cuda` refuse those with BackendUnavailable).
 
 Asking for a backend that cannot run on the tensors at hand raises `BackendUnavailable`; nothing falls
 back silently.
@@ -82,7 +83,7 @@ def triton_interpreter_enabled() -> bool:
 def _triton_reason(device: torch.device | None) -> str | None:
     try:
         import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - triton ships with torch on Linux
+    except ImportError as e:  # dla_fast.ops then uses stand-ins (dla_fast/ops/_triton.py)
         return f"triton is not importable ({e})"
     if device is None:
         if torch.cuda.is_available() or triton_interpreter_enabled():
@@ -142,23 +143,32 @@ def available_backends() -> dict[str, str | None]:
     return {name: unavailable_reason(name) for name in BACKENDS}
 
 
-@torch.compiler.assume_constant_result
-def resolve(device: torch.device, op: str = "") -> str:
-    """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device`.
+# The dtypes the fused kernels take (accumulating in fp32); others (fp64) run the eager reference under `auto`.
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-    `auto` picks the fused kernels for CUDA tensors (per op, from `AUTO_CHOICE`) and eager for the rest.
-    An explicit backend that cannot run raises BackendUnavailable naming the reason. Under torch.compile the
-    answer is taken once, while tracing, and kept by the compiled graph.
+
+@torch.compiler.assume_constant_result
+def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None) -> str:
+    """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device` and `dtype`.
+
+    `auto` picks the fused kernels for CUDA tensors of a dtype they take (FUSED_DTYPES; per op, from
+    `AUTO_CHOICE`) and eager for the rest (CPU tensors, fp64). An explicit backend that cannot run (not
+    available here, or a dtype its kernels do not take) raises BackendUnavailable naming the reason. Under
+    torch.compile the answer is taken once, while tracing, and kept by the compiled graph.
     """
     name = get_backend()
+    fused_dtype = dtype is None or dtype in FUSED_DTYPES
     if name == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or not fused_dtype:
             return "torch"
         choice = AUTO_CHOICE.get(op, "triton")
         if choice == "cuda" and unavailable_reason("cuda", device) is not None:
             choice = "triton"
         return choice
     reason = unavailable_reason(name, device)
+    if reason is None and name != "torch" and not fused_dtype:
+        reason = (f"its kernels take {', '.join(str(t) for t in FUSED_DTYPES)} tensors, not {dtype} (backends "
+                  "'auto' and 'torch' run the eager reference for it)")
     if reason is not None:
         where = f" for op {op!r}" if op else ""
         raise BackendUnavailable(f"dla_fast backend {name!r} cannot run{where}: {reason}")

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dla_fast
-from dla_fast.models import VARIANTS, CenterNet, CenterTrack
+from dla_fast.models import VARIANTS, CenterNet
 from dla_fast.nn import folded as folded_module
 
 from helpers import assert_close, randomize_bn

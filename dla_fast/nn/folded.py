@@ -118,12 +118,13 @@ def synchronized(pairs: List[FoldedConvBN]) -> bool:
 
 def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, *inputs) -> bool:
     """Whether `module` runs this call folded: eval mode, no gradient wanted (of the parameters, of x, of the
-    other `inputs` — a residual, IDA levels), a backend other than 'torch'."""
+    other `inputs` — a residual, IDA levels), a backend other than 'torch' for x's device and dtype ('auto'
+    runs fp64 eagerly)."""
     if any(p.bn.training for p in pairs) or not foldable(x, *inputs):
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         return False
-    return backend.resolve(x.device, OP_NAME) != "torch"
+    return backend.resolve(x.device, OP_NAME, x.dtype) != "torch"
 
 
 def fused_training_applies(pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
@@ -131,7 +132,7 @@ def fused_training_applies(pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
     nn.BatchNorm2d, and the backend for TRAINING_OP_NAME not 'torch'."""
     if any(type(p.bn).forward is not nn.BatchNorm2d.forward for p in pairs):
         return False
-    return backend.resolve(x.device, TRAINING_OP_NAME) != "torch"
+    return backend.resolve(x.device, TRAINING_OP_NAME, x.dtype) != "torch"
 
 
 class _Folded(nn.Module):

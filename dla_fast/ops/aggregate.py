@@ -31,15 +31,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .. import backend
+from ._triton import tl, triton
 from .batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
 from . import sync_stats
-from .common import (cached_derived, check_channel_vectors, device_guard, empty_channels_last, fp32_vector, nhwc_rows,
-                     num_sms, rows_view)
-from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
+from .common import cached_derived, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from .running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 
 MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
 CHILD_SLOTS = tl.constexpr(MAX_CHILDREN)
@@ -135,10 +133,10 @@ def aggregate_fwd_kernel(
         gamma = tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0)
         beta = tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0)
         scale = gamma * tl.rsqrt(var + eps)
-        z = acc * scale[None, :] + (beta - mean * scale)[None, :]
+        z = (acc - mean[None, :]) * scale[None, :] + beta[None, :]  # eager CUDA's grouping (NaN/Inf as there)
         if RESIDUAL:  # child 0 has Cout channels
             z += tl.load(x0 + tile, mask=mask, other=0.0).to(tl.float32)
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # ReLU that keeps NaN (tl.maximum drops it)
         tl.store(out_ptr + tile, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -214,23 +212,21 @@ def _dy_tile(tile, mask, offs_co, mask_co, grad_out_ptr, out_ptr, y_ptr, sum_g_p
              gamma_ptr, M, eps, BATCH_STATS: tl.constexpr):
     """dy, the gradient at the pre-BN y, on one [rows, offs_co] tile (fp32, 0 outside `mask`), from
     g = grad_out, 0 where out <= 0 (the ReLU mask from the saved output, as threshold_backward: NaN passes):
-      batch statistics:   dy = k (g - sum_g/M - xhat sum_gx/M), k = gamma*invstd, xhat = (y - mean)*invstd,
-                          written as k*g + coef_y*y + coef_1 per channel;
+      batch statistics:   dy = k (g - sum_g/M - (y - mean) * (invstd sum_gx/M)), k = gamma*invstd
+                          (eager's grouping, so NaN / Inf come out where they do in eager);
       running statistics: dy = k g."""
     invstd = tl.rsqrt(tl.load(var_ptr + offs_co, mask=mask_co, other=1.0) + eps)
     k = tl.load(gamma_ptr + offs_co, mask=mask_co, other=0.0) * invstd
     grad_out = tl.load(grad_out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     out = tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.where(out <= 0.0, 0.0, grad_out) * k[None, :]
+    g = tl.where(out <= 0.0, 0.0, grad_out)
     if BATCH_STATS:
         mean = tl.load(mean_ptr + offs_co, mask=mask_co, other=0.0)
-        sum_g = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0)
-        sum_gx = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0)
-        coef_y = -k * invstd * sum_gx / M
-        coef_1 = k * (mean * invstd * sum_gx - sum_g) / M
+        offset = tl.load(sum_g_ptr + offs_co, mask=mask_co, other=0.0) / M
+        slope = tl.load(sum_gx_ptr + offs_co, mask=mask_co, other=0.0) * invstd / M
         y = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        dy += y * coef_y[None, :] + coef_1[None, :]
-    return tl.where(mask, dy, 0.0)
+        g = g - offset[None, :] - (y - mean[None, :]) * slope[None, :]
+    return tl.where(mask, g * k[None, :], 0.0)
 
 
 @triton.jit
@@ -258,8 +254,8 @@ def _grad_child_program(i: tl.constexpr, tile_start, grad_ptr, C, k_offset, pid_
     """One gradient tile of child i: rows offs_m, its column tile pid_n - tile_start.
 
     grad x_i = dy @ W[:, k_offset : k_offset + C] with dy, the gradient at the pre-BN y: read from dy_ptr when
-    DY_READY (aggregate_dy_kernel wrote it), else computed on the fly (_dy_tile), and then written by the
-    programs with store_dy for the weight gradient.
+    DY_READY (aggregate_dy_kernel wrote it), else computed on the fly (_dy_tile: eager's grouping, the ReLU mask
+    as threshold_backward), and then written by the programs with store_dy for the weight gradient.
     """
     offs_c = (pid_n - tile_start) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -750,8 +746,11 @@ aggregate_fwd.register_autograd(_custom_op_backward, setup_context=_custom_op_se
 # --------------------------------------------------------------------------------------------------------
 def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
                  bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                 residual: bool) -> None:
-    """Raise ValueError naming the problem for inputs the aggregation node cannot take."""
+                 num_batches_tracked: Optional[torch.Tensor], training: bool, momentum: Optional[float], eps: float,
+                 residual: bool, synchronized: bool = False) -> None:
+    """The aggregation node's argument rules, checked before any backend runs (the same errors on every
+    backend): ValueError/TypeError naming the problem, nn.BatchNorm2d's rules for the BatchNorm arguments
+    (running_stats.check_batchnorm_args; synchronized: the batch is the process group's, not this rank's)."""
     if not isinstance(children, (list, tuple)) or not 1 <= len(children) <= MAX_CHILDREN:
         count = len(children) if isinstance(children, (list, tuple)) else type(children).__name__
         raise ValueError(f"aggregate takes a list of 1 to {MAX_CHILDREN} children; got {count}")
@@ -760,8 +759,8 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
         if not isinstance(c, torch.Tensor) or c.dim() != 4:
             raise ValueError(f"child {i} must be a 4-D (N, C, H, W) tensor; got "
                              f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
-        if c.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"child {i} has dtype {c.dtype}; aggregate supports float32, float16, bfloat16")
+        if not c.dtype.is_floating_point:
+            raise ValueError(f"child {i} has dtype {c.dtype}; aggregate takes floating-point children")
         if c.dtype != first.dtype:
             raise ValueError(f"children must share a dtype: child 0 is {first.dtype}, child {i} is {c.dtype}")
         if c.device != first.device:
@@ -775,9 +774,16 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
                          f"channels in all ({' + '.join(str(c.shape[1]) for c in children)})")
     if weight.device != first.device:
         raise ValueError(f"conv weight is on {weight.device}, the children on {first.device}")
+    if weight.dtype != first.dtype and not (weight.dtype == torch.float32
+                                            and first.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"conv weight has dtype {weight.dtype}; with {first.dtype} children it must be "
+                        f"{first.dtype}{' or torch.float32' if first.element_size() == 2 else ''}")
     cout = weight.shape[0]
-    check_channel_vectors("aggregate (the conv's outputs)", cout, first.device, bn_weight=bn_weight,
-                          bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
+    check_batchnorm_args("aggregate (the conv's outputs)", first.dtype, cout,
+                         first.shape[0] * first.shape[2] * first.shape[3], first.device, weight=bn_weight,
+                         bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps,
+                         synchronized=synchronized)
     if residual and first.shape[1] != cout:
         raise ValueError(f"a residual root adds child 0 to its output: child 0 has {first.shape[1]} channels, "
                          f"the output {cout}")
@@ -800,7 +806,7 @@ def _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, 
     """aggregate in training with the BatchNorm statistics synchronized over `group` (eager even under
     torch.compile: the collectives are not traced). Backend 'torch': the eager reference with
     sync_stats.sync_batch_norm_reference."""
-    impl = backend.resolve(children[0].device, OP_NAME)
+    impl = backend.resolve(children[0].device, OP_NAME, children[0].dtype)
     if impl == "torch":
         y = F.conv2d(torch.cat(list(children), 1), weight, padding=(weight.shape[-1] - 1) // 2)
         y = sync_stats.sync_batch_norm_reference(y, bn_weight, bn_bias, running_mean, running_var,
@@ -832,12 +838,13 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     world): in training in an initialized process group of more than one rank, the statistics and the
     backward's reductions are synchronized over the group (dla_fast.ops.sync_stats), otherwise plain BatchNorm.
     """
-    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, residual)
     group = sync_stats.sync_group(sync, process_group, training)
+    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                 momentum, eps, residual, synchronized=group is not None)
     if group is not None:
         return _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, running_var,
                                        num_batches_tracked, momentum, eps, residual, group)
-    impl = backend.resolve(children[0].device, OP_NAME)
+    impl = backend.resolve(children[0].device, OP_NAME, children[0].dtype)
     if impl == "torch":
         return aggregate_reference(children, weight, bn_weight, bn_bias, running_mean, running_var, training,
                                    momentum, eps, residual, num_batches_tracked)
@@ -845,8 +852,6 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     batch_stats = uses_batch_stats(training, running_mean, running_var)
     first = children[0]
     count = first.shape[0] * first.shape[2] * first.shape[3]
-    if batch_stats:
-        check_batch_size(count, weight.shape[0])
     save_preact = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*children, weight, bn_weight, bn_bias))
     given = (None, None) if batch_stats else (running_mean, running_var)
@@ -861,61 +866,97 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     if training and running_mean is not None:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        elif momentum is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile list (INTERFACES §1)
+# Ahead-of-time compile (dla_fast.ops.aot): every configuration the launchers above can pick on a GPU
 # --------------------------------------------------------------------------------------------------------
-_AOT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_AOT_COUTS = (16, 32, 64, 128, 256, 512, 1024)  # the output widths of DLA roots (and the narrow test widths)
-_AOT_ROWS = 256 * 56 * 56  # a large batch: the GPU tile choices at scale
-
-
 def kernel_configurations() -> list:
-    """The training-backward kernels this module's launchers pick on the GPU (issue 10: aggregate_dy_kernel,
-    aggregate_stats_group_kernel, aggregate_grad_input_kernel reading a materialised dy), derived from
-    _dy_tile_shape, _tile_sizes and the statistics-merge constants."""
-    from .aot import KernelConfig
-
+    """The aggregation node's Triton kernels in every configuration `_forward_triton` / `_backward_triton`
+    launch on CUDA tensors: tile sizes from `_tile_sizes` / `_dy_tile_shape` (M below / above its threshold,
+    Cout up to the largest tile), the statistics merge's shapes from `_stats_merge_shape` (one and two levels),
+    options from `_launch_options`, both fp32 dot precisions, every child count, residual, mode, dy read or
+    recomputed, and running-statistics dtype. 16-bit tiles with at least 64 rows (wgmma's smallest M) must use
+    wgmma."""
+    from .aot import make_config, triton_type
     cuda = torch.device("cuda")
-    configs = {}
-    for dtype, tname in _AOT_DTYPES.items():
-        act = f"*{tname}"
-        for cout in _AOT_COUTS:
-            block_m, block_co = _dy_tile_shape(cout)
-            for batch_stats in (True, False):
-                constexprs = dict(BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_CO=block_co)
-                signature = dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32",
-                                 sum_gx_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32",
-                                 M="i32", Cout="i32", eps="fp32", **{k: "constexpr" for k in constexprs})
-                name = f"aggregate_dy_kernel[{tname},{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
-                configs[name] = KernelConfig(name, aggregate_dy_kernel, signature, constexprs)
-            block_m, block_c, block_co = _tile_sizes("grad_input", _AOT_ROWS, cout, dtype, cuda)
-            for children, residual, batch_stats in itertools.product(range(2, MAX_CHILDREN + 1), (False, True),
-                                                                     (True, False)):
-                constexprs = dict(NUM_CHILDREN=children, RESIDUAL=residual, BATCH_STATS=batch_stats,
-                                  BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
-                                  DOT_PRECISION=_dot_precision(dtype), DY_READY=True)
-                signature = {**{f"g{i}": act for i in range(MAX_CHILDREN)},
-                             **{f"c{i}": "i32" for i in range(MAX_CHILDREN)},
-                             "grad_out_ptr": act, "out_ptr": act, "y_ptr": act, "dy_ptr": act, "sum_g_ptr": "*fp32",
-                             "sum_gx_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32", "gamma_ptr": "*fp32",
-                             "w_ptr": act, "stride_wn": "i32", "M": "i32", "Cout": "i32", "eps": "fp32",
-                             **{k: "constexpr" for k in constexprs}}
-                name = (f"aggregate_grad_input_kernel[{tname},"
-                        f"{','.join(f'{k}={v}' for k, v in constexprs.items())}]")
-                configs[name] = KernelConfig(name, aggregate_grad_input_kernel, signature, constexprs,
-                                             needs_wgmma=dtype != torch.float32,
-                                             **_launch_options(block_m * block_c, cuda))
-    for tile_rows in (64, 128):  # the forward kernel's BLOCK_M on the GPU
-        constexprs = dict(TILE_ROWS=tile_rows, GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)
-        signature = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", group_sum_ptr="*fp32", group_m2_ptr="*fp32",
-                         M="i32", C="i32", num_tiles="i32", **{k: "constexpr" for k in constexprs})
-        name = f"aggregate_stats_group_kernel[{','.join(f'{k}={v}' for k, v in constexprs.items())}]"
-        configs[name] = KernelConfig(name, aggregate_stats_group_kernel, signature, constexprs)
-    return list(configs.values())
+    configs = []
+    precisions = {torch.float32: ("tf32", "ieee"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
+    children = [f"x{i}" for i in range(MAX_CHILDREN)]
+    counts = {f"c{i}": "i32" for i in range(MAX_CHILDREN)}
+    couts = (1, 17, 33, 65, 1024)
+    for dtype in backend.FUSED_DTYPES:
+        act = "*" + triton_type(dtype)
+        wgmma = dtype != torch.float32
+        fwd_tiles = {_tile_sizes("fwd", m, cout, dtype, cuda) for m in (1, 1 << 20) for cout in couts}
+        for (block_m, block_n, block_k), precision, num in _product(sorted(fwd_tiles), precisions[dtype],
+                                                                    range(1, MAX_CHILDREN + 1)):
+            for residual, (apply_bn, store_preact, stats) in _product(
+                    (False, True), ((True, False, False), (True, True, False), (False, True, True))):
+                args = dict({c: act for c in children}, **counts, w_ptr=act, stride_wn="i32", out_ptr=act,
+                            y_ptr=act if store_preact else "*fp32", part_sum_ptr="*fp32", part_m2_ptr="*fp32",
+                            mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32", beta_ptr="*fp32", M="i32",
+                            Cout="i32", eps="fp32")
+                configs.append(make_config(
+                    aggregate_fwd_kernel, args,
+                    dict(NUM_CHILDREN=num, RESIDUAL=residual, APPLY_BN=apply_bn, STORE_PREACT=store_preact,
+                         COMPUTE_STATS=stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                         DOT_PRECISION=precision),
+                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_m * block_n, cuda)))
+        for precision, num in _product(precisions[dtype], range(1, MAX_CHILDREN + 1)):
+            block_m, block_c, block_co = _tile_sizes("grad_input", 1, 1, dtype, cuda)
+            for residual, batch_stats, dy_ready in _product((False, True), (False, True), (False, True)):
+                args = dict({f"g{i}": act for i in range(MAX_CHILDREN)}, **counts, grad_out_ptr=act, out_ptr=act,
+                            y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32", sum_gx_ptr="*fp32", mean_ptr="*fp32",
+                            var_ptr="*fp32", gamma_ptr="*fp32", w_ptr=act, stride_wn="i32", M="i32", Cout="i32",
+                            eps="fp32")
+                configs.append(make_config(
+                    aggregate_grad_input_kernel, args,
+                    dict(NUM_CHILDREN=num, RESIDUAL=residual, BATCH_STATS=batch_stats, BLOCK_M=block_m,
+                         BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision, DY_READY=dy_ready),
+                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_m * block_c, cuda)))
+            for cout in (1, 17, 33, 1024):
+                block_wco, block_wc, block_wm = _tile_sizes("grad_weight", 1, cout, dtype, cuda)
+                args = dict({c: act for c in children}, **counts, dy_ptr=act, partial_ptr="*fp32", M="i32",
+                            Cout="i32", K="i32", rows_per_split="i32")
+                configs.append(make_config(  # wgmma tiles have at least 64 rows: dW's rows are BLOCK_CO
+                    aggregate_grad_weight_kernel, args,
+                    dict(NUM_CHILDREN=num, BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
+                         DOT_PRECISION=precision),
+                    needs_wgmma=wgmma and block_wco >= 64, label=triton_type(dtype),
+                    **_launch_options(block_wco * block_wc, cuda)))
+        for dy_shape, batch_stats in _product(sorted({_dy_tile_shape(cout) for cout in couts}), (False, True)):
+            args = dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32", sum_gx_ptr="*fp32",
+                        mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32", M="i32", Cout="i32", eps="fp32")
+            configs.append(make_config(aggregate_dy_kernel, args,
+                                       dict(BATCH_STATS=batch_stats, BLOCK_M=dy_shape[0], BLOCK_CO=dy_shape[1]),
+                                       label=triton_type(dtype)))
+    # the statistics merge after a training forward: tiles of the forward's BLOCK_M rows, in one or two levels
+    tile_rows = sorted({_tile_sizes("fwd", m, cout, dtype, cuda)[0] for m in (1, 1 << 20) for cout in couts
+                        for dtype in backend.FUSED_DTYPES})
+    for block_m in tile_rows:
+        args = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", group_sum_ptr="*fp32", group_m2_ptr="*fp32",
+                    M="i32", C="i32", num_tiles="i32")
+        configs.append(make_config(aggregate_stats_group_kernel, args,
+                                   dict(TILE_ROWS=block_m, GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)))
+        shapes = {(merge["tile_rows"], merge["block_t"])
+                  for merge in (_stats_merge_shape(tiles, block_m) for tiles in (1, 17, 64, 65, 6272, 100000))}
+        for (rows, block_t), running in _product(sorted(shapes), (None, "*fp32", "*fp16", "*bf16")):
+            for counter, cumulative in (((None, False),) if running is None else
+                                        (("*i64", False), ("*i64", True), (None, False))):
+                args = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
+                            running_mean_ptr=running or "*fp32", running_var_ptr=running or "*fp32",
+                            num_batches_ptr=counter or "*fp32", momentum="fp32", M="i32", C="i32",
+                            num_tiles="i32")
+                configs.append(make_config(
+                    aggregate_stats_merge_kernel, args,
+                    dict(TILE_ROWS=rows, UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative,
+                         BLOCK_T=block_t, BLOCK_C=STATS_BLOCK_C), label=running or "no running stats"))
+    return configs
+
+
+def _product(*axes):
+    return itertools.product(*axes)

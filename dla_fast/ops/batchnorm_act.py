@@ -20,7 +20,8 @@ Public pieces:
   torch.compile (functional; the running statistics are updated outside them with
   `running_stats.update_running_stats`, which inductor fuses). Both paths share the forward and backward.
 
-The math, with xhat = (y - mean) * rsqrt(var + eps), g = grad_out * (out > 0) with ReLU else grad_out:
+The math, with xhat = (y - mean) * rsqrt(var + eps), g = grad_out zeroed where out <= 0 with
+ReLU (a NaN output passes it, as eager's threshold_backward), else grad_out:
     forward:  out = [relu](xhat * weight + bias [+ residual])
     backward: grad_y = weight * rsqrt(var + eps) * (g - sum(g) / M - xhat * sum(g * xhat) / M) (batch stats),
               grad_y = weight * rsqrt(var + eps) * g (running stats, eval); grad_residual = g;
@@ -36,18 +37,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .. import backend
-from .common import (channels_last, check_channel_vectors, device_guard, empty_channels_last, extension_ops,
+from ._triton import tl, triton
+from .common import (channels_last, device_guard, empty_channels_last, extension_ops,
                      fp32_vector, num_sms, rows_view)
 from . import sync_stats
-from .running_stats import check_batch_size, update_running_stats, uses_batch_stats
+from .running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 
 OP_NAME = "batchnorm_act"
 IMPLS = ("torch", "triton", "cuda")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Triton launch shape: a program handles [BLOCK_M, BLOCK_C] tiles of TILE_ELEMENTS values; the reductions
 # give each program a run of tiles, with about PROGRAMS_PER_SM programs per streaming multiprocessor.
@@ -761,16 +760,13 @@ def _batchnorm_act_synchronized(x, weight, bias, running_mean, running_var, num_
                                 residual, relu, group):
     """batchnorm_act in training with statistics synchronized over `group` (eager even under torch.compile:
     the collectives are not traced). Backend 'torch' runs sync_stats.sync_batch_norm_reference."""
-    impl = backend.resolve(x.device, OP_NAME)
+    impl = backend.resolve(x.device, OP_NAME, x.dtype)
     if impl == "torch":
         y = sync_stats.sync_batch_norm_reference(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                                  momentum, eps, group)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"batchnorm_act: the {impl} kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, "
-                         f"got {x.dtype}")
     running = None
     if running_mean is not None:
         if momentum is None and num_batches_tracked is None:
@@ -855,18 +851,23 @@ batchnorm_act_forward.register_autograd(_forward_backward, setup_context=_forwar
 # Public op
 # --------------------------------------------------------------------------------------------------------
 
-def _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, residual) -> None:
+def check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                 residual, synchronized: bool = False) -> None:
+    """The op's argument rules, checked before any backend runs (the same errors on every backend): x a 4-D
+    floating-point tensor, residual like x, and nn.BatchNorm2d's rules for the rest
+    (running_stats.check_batchnorm_args; synchronized: the batch is the process group's)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"batchnorm_act: x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"batchnorm_act: expected a 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
                          f"{tuple(x.shape)}")
-    check_channel_vectors("batchnorm_act", x.shape[1], x.device, weight=weight, bias=bias,
-                          running_mean=running_mean, running_var=running_var)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("batchnorm_act: give both running_mean and running_var, or neither")
-    if num_batches_tracked is not None and (num_batches_tracked.numel() != 1
-                                            or num_batches_tracked.device != x.device):
-        raise ValueError(f"batchnorm_act: num_batches_tracked must be a one-element tensor on {x.device}, got "
-                         f"{tuple(num_batches_tracked.shape)} on {num_batches_tracked.device}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"batchnorm_act: x must be a floating-point tensor, got {x.dtype}")
+    n, c, h, w = x.shape
+    check_batchnorm_args("batchnorm_act", x.dtype, c, n * h * w, x.device, weight=weight, bias=bias,
+                         running_mean=running_mean, running_var=running_var,
+                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps,
+                         synchronized=synchronized)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         raise ValueError(f"batchnorm_act: residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) "
@@ -888,22 +889,18 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
     world): in training in an initialized process group of more than one rank, the statistics and the
     backward's reductions are synchronized over the group (dla_fast.ops.sync_stats), otherwise plain BatchNorm.
     """
-    _check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, residual)
     group = sync_stats.sync_group(sync, process_group, training)
+    check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual,
+                 synchronized=group is not None)
     if group is not None:
         return _batchnorm_act_synchronized(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                            momentum, eps, residual, relu, group)
     n, c, h, w = x.shape
     use_batch_stats = uses_batch_stats(training, running_mean, running_var)
-    if use_batch_stats:
-        check_batch_size(n * h * w, c)
-    impl = backend.resolve(x.device, OP_NAME)
+    impl = backend.resolve(x.device, OP_NAME, x.dtype)
     if impl == "torch":
         return batchnorm_act_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
                                        momentum, eps, residual, relu)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"batchnorm_act: the {impl} kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, "
-                         f"got {x.dtype}")
     if torch.compiler.is_compiling():
         out, mean, var = batchnorm_act_forward(x, weight, bias, running_mean, running_var, residual,
                                                use_batch_stats, eps, relu, impl)
@@ -912,8 +909,92 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
         return out
     running = None
     if training and running_mean is not None:
-        if momentum is None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps,
                                        relu, impl, running)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile (dla_fast.ops.aot): every configuration the Triton launchers above can pick
+# --------------------------------------------------------------------------------------------------------
+
+def kernel_configurations() -> list:
+    """The Triton kernels of this module in every configuration their launchers pick on CUDA tensors: tiles from
+    `_tile_shape` (every channel count up to MAX_BLOCK_C), merge widths BLOCK_P up to MAX_BLOCK_PARTIALS, the
+    running-statistics update's BLOCK_C up to 1024, every flag, activation and running-statistics dtype; the
+    launchers pass no num_warps / num_stages (Triton's defaults, 4 and 3)."""
+    from .aot import make_config, triton_type
+    tiles = sorted({_tile_shape(c) for c in (1, 2, 3, 5, 9, 17, 33, 65)})
+    block_ps = sorted({min(triton.next_power_of_2(p), MAX_BLOCK_PARTIALS) for p in (1, 2, 3, 5, 9, 17, 33, 65)})
+    f32 = "*fp32"
+    configs = []
+    for dtype in backend.FUSED_DTYPES:
+        act = "*" + triton_type(dtype)
+        for (block_m, block_c), flag in _flag_product(tiles, 1):
+            configs.append(make_config(
+                channel_stats_partial_kernel,
+                dict(y_ptr=act, partial_mean_ptr=f32, partial_m2_ptr=f32, num_batches_ptr="*i64" if flag[0] else f32,
+                     M="i32", C="i32", rows_per_program="i32"),
+                dict(COUNT_BATCH=flag[0], BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+            configs.append(make_config(
+                bn_backward_reduce_partial_kernel,
+                dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, mean_ptr=f32, partial_g_ptr=f32, partial_gc_ptr=f32,
+                     M="i32", C="i32", rows_per_program="i32"),
+                dict(RELU=flag[0], BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+        for (block_m, block_c), (has_weight, has_bias, has_residual, relu) in _flag_product(tiles, 4):
+            configs.append(make_config(
+                bn_apply_kernel,
+                dict(y_ptr=act, residual_ptr=act, out_ptr=act, mean_ptr=f32, var_ptr=f32, weight_ptr=f32,
+                     bias_ptr=f32, M="i32", C="i32", eps="fp32"),
+                dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, RELU=relu,
+                     BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+        for (block_m, block_c), (has_weight, batch_stats, relu, residual_grad) in _flag_product(tiles, 4):
+            configs.append(make_config(
+                bn_backward_apply_kernel,
+                dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, mean_ptr=f32, var_ptr=f32, weight_ptr=f32,
+                     sum_g_ptr=f32, sum_g_xhat_ptr=f32, grad_y_ptr=act, grad_residual_ptr=act, M="i32", C="i32",
+                     eps="fp32"),
+                dict(HAS_WEIGHT=has_weight, BATCH_STATS=batch_stats, RELU=relu, WRITE_RESIDUAL_GRAD=residual_grad,
+                     BLOCK_M=block_m, BLOCK_C=block_c), label=triton_type(dtype)))
+        for (_, block_c), block_p in [(t, p) for t in tiles for p in block_ps]:
+            for running, counter, cumulative in _running_variants():
+                configs.append(make_config(
+                    channel_stats_merge_kernel,
+                    dict(y_ptr=act, partial_mean_ptr=f32, partial_m2_ptr=f32, mean_ptr=f32, var_ptr=f32,
+                         running_mean_ptr=running or f32, running_var_ptr=running or f32,
+                         num_batches_ptr=counter or f32, momentum="fp32", M="i32", C="i32", num_partials="i32",
+                         rows_per_program="i32"),
+                    dict(UPDATE_RUNNING=running is not None, CUMULATIVE=cumulative, BLOCK_P=block_p, BLOCK_C=block_c),
+                    label=f"{triton_type(dtype)},running {running}"))
+    for (_, block_c), block_p in [(t, p) for t in tiles for p in block_ps]:
+        configs.append(make_config(
+            bn_backward_reduce_merge_kernel,
+            dict(partial_g_ptr=f32, partial_gc_ptr=f32, var_ptr=f32, sum_g_ptr=f32, sum_g_xhat_ptr=f32, C="i32",
+                 num_partials="i32", eps="fp32"),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c)))
+    for block_c in sorted({min(triton.next_power_of_2(c), 1024) for c in (1, 3, 5, 9, 17, 33, 65, 129, 257, 513,
+                                                                          1025)}):
+        for running, counter, cumulative in _running_variants():
+            if running is None:
+                continue
+            configs.append(make_config(
+                running_stats_update_kernel,
+                dict(mean_ptr=f32, var_ptr=f32, running_mean_ptr=running, running_var_ptr=running,
+                     num_batches_ptr=counter or f32, momentum="fp32", bessel="fp32", C="i32"),
+                dict(COUNT_BATCH=counter is not None, CUMULATIVE=cumulative, BLOCK_C=block_c),
+                label=f"running {running}"))
+    return configs
+
+
+def _flag_product(tiles, flags: int):
+    import itertools
+    return itertools.product(tiles, itertools.product((False, True), repeat=flags))
+
+
+def _running_variants():
+    """(running-statistics pointer type or None, num_batches_tracked pointer type or None, cumulative)."""
+    yield None, None, False
+    for running in ("*fp32", "*fp16", "*bf16"):
+        yield running, "*i64", False
+        yield running, "*i64", True
+        yield running, None, False

@@ -210,7 +210,7 @@ def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[
     if not foldable(x, conv_weight, conv_bias, bn_weight, bn_bias, residual):
         raise RuntimeError(f"{OP_NAME} is inference-only (no autograd): run it under torch.no_grad() or "
                            "torch.inference_mode(), or use the eager modules when gradients are needed")
-    if backend.resolve(x.device, OP_NAME) == "torch":
+    if backend.resolve(x.device, OP_NAME, x.dtype) == "torch":
         return conv_bn_act_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
                                      stride, padding, dilation, groups, residual, relu)
     weight, bias = fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,

@@ -29,10 +29,10 @@ Implementations, chosen by `dla_fast.backend.resolve(low.device, "upsample_merge
 - 'triton': the Triton kernels below;
 - 'cuda':   `torch.ops.dla_fast_C.upsample_merge_forward/backward` from the extension (CUDA kernels for CUDA
             tensors, C++ kernels for CPU tensors).
-The fused paths take fp32 / fp16 / bf16 (accumulating in fp32) and work on channels_last (NHWC) tensors seen
-as 2-D [N*H*W, C] row-major matrices; inputs in another layout are copied to channels_last first, and the
-output is always channels_last. In eager mode the fused paths run through a plain autograd.Function (the
-least host overhead per call); under torch.compile they are the custom ops `dla_fast::upsample_merge_fwd` /
+The fused paths take fp32 / fp16 / bf16 (accumulating in fp32; 'auto' runs the reference for other dtypes)
+and work on channels_last (NHWC) tensors seen as 2-D [N*H*W, C] row-major matrices; inputs in another layout
+are copied to channels_last first, and the output is always channels_last. In eager mode the fused paths run
+through a plain autograd.Function (the least host overhead per call); under torch.compile they are the custom ops `dla_fast::upsample_merge_fwd` /
 `_bwd`, with fake (meta) kernels and autograd registered, so torch.compile(fullgraph=True) traces through them.
 Both call the same forward / backward implementations. Double backward is not supported by the fused paths.
 """
@@ -42,16 +42,14 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .. import backend
+from ._triton import tl, triton
 from .common import cached_derived, channels_last, device_guard, extension_ops
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
 MODES = ("add", "concat")
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # grad_weight partial rows at most (Triton backward): each program sums ceil(tiles / MAX_PARTIAL_ROWS)
 # consecutive pixel tiles into its own row, so the final reduce reads a bounded buffer. The grouping depends on
 # the shape only, which keeps the result deterministic.
@@ -208,10 +206,11 @@ def upsample_merge_bwd_kernel(grad_ptr, low_ptr, weight_t_ptr, grad_low_ptr, par
                             mask=tap_mask, other=0.0).to(tl.float32)
                 k = ky * (2 * FACTOR) + kx
                 wt = tl.load(weight_t_ptr + k * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-                acc_low += g * wt[None, :]
+                # Taps outside the output are skipped, not added as 0 * w (0 * NaN / Inf would be NaN).
+                acc_low += tl.where(tap_mask, g * wt[None, :], 0.0)
                 partial_ptrs = partial_row_ptr + k * C + cols
                 previous = tl.load(partial_ptrs, mask=col_ok & (tile > 0), other=0.0)
-                tl.store(partial_ptrs, previous + tl.sum(g * x, axis=0), mask=col_ok)
+                tl.store(partial_ptrs, previous + tl.sum(tl.where(tap_mask, g * x, 0.0), axis=0), mask=col_ok)
         tl.store(grad_low_ptr + rows[:, None] * C + cols[None, :], acc_low.to(grad_low_ptr.dtype.element_ty),
                  mask=mask)
         # The next tile reads this tile's partial sums, which other threads of the program may have written.
@@ -418,11 +417,46 @@ def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, 
     The implementation comes from `dla_fast.backend.resolve(low.device, "upsample_merge")`.
     """
     check_upsample_merge_inputs(low, weight, high, factor, mode)
-    impl = backend.resolve(low.device, "upsample_merge")
+    impl = backend.resolve(low.device, "upsample_merge", low.dtype)
     if impl == "torch":
         return _eager_upsample_merge(low, weight, high, factor, mode)
-    if low.dtype not in FUSED_DTYPES:
-        raise TypeError(f"upsample_merge: the {impl!r} kernels take float32, float16 or bfloat16, got {low.dtype}")
     if torch.compiler.is_compiling():
         return upsample_merge_fwd(low, weight, high, factor, mode == "concat", impl)
     return _UpsampleMergeFunction.apply(low, weight, high, factor, mode == "concat", impl)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile (dla_fast.ops.aot): every configuration the Triton launchers above can pick
+# ----------------------------------------------------------------------------------------------------------
+
+AOT_FACTORS = (2, 4, 8, 16)  # the upsampling factors of the DLA-Up / CenterNet IDA paths
+
+
+def kernel_configurations() -> list:
+    """The Triton kernels in every configuration `_triton_forward` / `_triton_backward` pick: the channel tiles
+    of every channel count (up to their 64 / 32 caps), both modes, the factors in AOT_FACTORS, every dtype
+    (num_warps 4, as the launchers pass; num_stages: Triton's default, 3)."""
+    from .aot import make_config, triton_type
+    configs = []
+    for dtype in backend.FUSED_DTYPES:
+        t = "*" + triton_type(dtype)
+        for factor in AOT_FACTORS:
+            for block_c in sorted({min(64, triton.next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33, 65)}):
+                for concat in (False, True):
+                    configs.append(make_config(
+                        upsample_merge_fwd_kernel,
+                        dict(low_ptr=t, weight_t_ptr=t, high_ptr=t, out_ptr=t, M_out="i32", C="i32", C_high="i32",
+                             C_out="i32", H="i32", W="i32", h="i32", w="i32", n_high_channel_blocks="i32"),
+                        dict(FACTOR=factor, CONCAT=concat, BLOCK_M=max(16, 2048 // block_c), BLOCK_C=block_c),
+                        num_warps=4, label=triton_type(dtype)))
+            for block_c in sorted({min(32, triton.next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33)}):
+                configs.append(make_config(
+                    upsample_merge_bwd_kernel,
+                    dict(grad_ptr=t, low_ptr=t, weight_t_ptr=t, grad_low_ptr=t, partial_ptr="*fp32", M_low="i32",
+                         C="i32", H="i32", W="i32", h="i32", w="i32", grad_row_stride="i32",
+                         grad_channel_offset="i32", tiles_per_program="i32"),
+                    dict(FACTOR=factor, BLOCK_M=64, BLOCK_C=block_c), num_warps=4, label=triton_type(dtype)))
+            configs.append(make_config(
+                grad_weight_reduce_kernel, dict(partial_ptr="*fp32", grad_weight_ptr=t, n_blocks="i32", C="i32"),
+                dict(TAPS=4 * factor * factor, BLOCK=256), num_warps=4, label=triton_type(dtype)))
+    return configs

@@ -10,8 +10,8 @@ mask_mode 0 = no mask, 1 = mask given, 2 = sigmoid of the given logits (offset-m
 Bilinear rule (torchvision's): each of the four corners outside the image contributes 0; coordinates are
 clamped to [-2, H+1] x [-2, W+1] first (every corner is outside there anyway), so floor() stays in range.
 """
-import triton
-import triton.language as tl
+from .._triton import tl, triton
+
 
 
 @triton.jit

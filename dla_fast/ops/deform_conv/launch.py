@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import triton
+from .._triton import triton
 
 from ..aggregate import aggregate_stats_merge_kernel
 from ..common import empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
@@ -235,7 +235,7 @@ def _signature(pointers: dict, ints: Sequence[str], constexprs: dict) -> dict:
     return signature
 
 
-def kernel_configurations() -> List["KernelConfig"]:
+def kernel_configurations() -> list:
     """Every (kernel, dtype, tiles, precision, num_warps, num_stages) the launchers can pick. Offsets and masks
     are listed in the activations' dtype (what a conv_offset_mask layer produces); other offset dtypes compile
     the same code with other load types."""
