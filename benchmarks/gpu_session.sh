@@ -4,9 +4,12 @@
 # (eight files in all: what the device tool brings back).
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
-#   stages: info build bench-aggregate test bench-ida bench-bn bench-upsample bench-models
-#           bench-aggregate-compile (default: all, in that order: most needed first);
-#           also bench-training, bench-centernet, test-changed (the GPU tests of the folding, graph and CLI files only),
+#   default stages (most needed first; the round of 2026-11-30 built these without a GPU):
+#           info build test-new (GPU tests of the deformable conv, training BatchNorm, compile/graphs, reliability
+#           and SyncBatchNorm files) bench-dcn (bench_deform_conv.py, bf16 batch 16) bench-centernet-dcn
+#           (CenterNet-DLA-34 DCN 512² b16, inference and training) bench-training-fused
+#   other stages: bench-aggregate test bench-ida bench-bn bench-upsample bench-models bench-aggregate-compile
+#           bench-training, bench-centernet, test-changed (the GPU tests of the folding, graph and CLI files only),
 #           test-compile (GPU tests of torch.compile / CUDAGraphTraining), bench-compile (compile and captured-step rows)
 #           issue 10 (training): profile-training, bench-training-fused (the fused BatchNorm training path forced),
 #           convergence
@@ -18,8 +21,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build bench-aggregate test bench-ida bench-bn bench-upsample bench-models
-                                   bench-aggregate-compile)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build test-new bench-dcn bench-centernet-dcn bench-training-fused)
 
 run_stage() {  # run_stage NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS
@@ -80,6 +82,16 @@ for stage in "${STAGES[@]}"; do
           --model dla34 --dtype bf16 --channels-last --no-progress --batch 256 --train --providers eager,dla_fast \
           --json $OUT/models_cl_training_b256_fused_bn.json ;;
     convergence) run_stage convergence 300 $PY benchmarks/convergence.py --json "$OUT/convergence.json" ;;
+    test-new) run_stage test-new 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
+          tests/test_deform_conv.py tests/test_dcn_block.py tests/test_reliability_ops.py tests/test_compile.py \
+          tests/test_cuda_graph_training.py tests/test_accelerate.py tests/test_aggregate.py ;;
+    bench-dcn) run_stage bench-dcn 150 $PY benchmarks/bench_deform_conv.py --batches 16 --dtypes bf16 \
+          --out "$OUT/deform_conv.json" ;;
+    bench-centernet-dcn) run_stage bench-centernet-dcn 240 bash -c "B='$PY -m dla_fast bench --model centernet_dla34 \
+          --dtype bf16 --channels-last --no-progress --batch 16 --size 512'; \
+          \$B --providers eager,dla_fast,eager_graph,dla_fast_graph --json $OUT/models_centernet_dcn_inference_b16.json; \
+          \$B --train --providers eager,dla_fast --json $OUT/models_centernet_dcn_training_b16.json; \
+          \$B --train --backend triton --providers dla_fast --json $OUT/models_centernet_dcn_training_b16_fused_bn.json" ;;
     test-changed) run_stage test-changed 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
           tests/test_folded.py tests/test_cuda_graph.py tests/test_cli.py tests/test_accelerate.py ;;
     *) echo "unknown stage $stage"; exit 2 ;;
