@@ -905,7 +905,8 @@ def kernel_configurations() -> list:
                     dict(NUM_CHILDREN=num, RESIDUAL=residual, APPLY_BN=apply_bn, STORE_PREACT=store_preact,
                          COMPUTE_STATS=stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                          DOT_PRECISION=precision),
-                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_m * block_n, cuda)))
+                    needs_wgmma=wgmma, label=triton_type(dtype), aligned=_aligned(args),
+                    **_launch_options(block_m * block_n, cuda)))
         for precision, num in _product(precisions[dtype], range(1, MAX_CHILDREN + 1)):
             block_m, block_c, block_co = _tile_sizes("grad_input", 1, 1, dtype, cuda)
             for residual, batch_stats, dy_ready in _product((False, True), (False, True), (False, True)):
@@ -917,7 +918,8 @@ def kernel_configurations() -> list:
                     aggregate_grad_input_kernel, args,
                     dict(NUM_CHILDREN=num, RESIDUAL=residual, BATCH_STATS=batch_stats, BLOCK_M=block_m,
                          BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision, DY_READY=dy_ready),
-                    needs_wgmma=wgmma, label=triton_type(dtype), **_launch_options(block_m * block_c, cuda)))
+                    needs_wgmma=wgmma, label=triton_type(dtype), aligned=_aligned(args),
+                    **_launch_options(block_m * block_c, cuda)))
             for cout in (1, 17, 33, 1024):
                 block_wco, block_wc, block_wm = _tile_sizes("grad_weight", 1, cout, dtype, cuda)
                 args = dict({c: act for c in children}, **counts, dy_ptr=act, partial_ptr="*fp32", M="i32",
@@ -926,7 +928,7 @@ def kernel_configurations() -> list:
                     aggregate_grad_weight_kernel, args,
                     dict(NUM_CHILDREN=num, BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
                          DOT_PRECISION=precision),
-                    needs_wgmma=wgmma and block_wco >= 64, label=triton_type(dtype),
+                    needs_wgmma=wgmma and block_wco >= 64, label=triton_type(dtype), aligned=_aligned(args),
                     **_launch_options(block_wco * block_wc, cuda)))
         for dy_shape, batch_stats in _product(sorted({_dy_tile_shape(cout) for cout in couts}), (False, True)):
             args = dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32", sum_gx_ptr="*fp32",
@@ -960,3 +962,12 @@ def kernel_configurations() -> list:
 
 def _product(*axes):
     return itertools.product(*axes)
+
+
+def _aligned(args: dict) -> tuple:
+    """What the JIT sees divisible by 16 at every DLA root: all pointers (fresh allocations and parameters),
+    the children's channel counts (0 in unused slots), Cout, K and the weight's row stride (sums of multiples of
+    16); not M = N*H*W (e.g. 49 at level 5, batch 1)."""
+    return tuple(name for name, kind in args.items()
+                 if kind.startswith("*") or name in (*(f"c{i}" for i in range(MAX_CHILDREN)), "Cout", "K",
+                                                     "stride_wn"))

@@ -41,6 +41,11 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     needs_wgmma: bool = False      # True for 16-bit tl.dot GEMM tiles (must show HGMMA in SASS on sm_90)
+    # Arguments the JIT sees divisible by 16 for the models' shapes (pointers 16-byte aligned; integers such as
+    # channel counts and row strides, multiples of 16 in every DLA / CenterNet layer): compiled with that
+    # specialization (tt.divisibility = 16), as `@triton.jit` specializes at launch. Other shapes (odd channel
+    # counts) run the generic variant, which is correct but may use more registers.
+    aligned: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,8 @@ class CompiledInfo:
 
 
 def make_config(kernel, args: Dict[str, str], constexprs: Dict[str, object], num_warps: int = 4,
-                num_stages: int = 3, needs_wgmma: bool = False, label: str = "") -> KernelConfig:
+                num_stages: int = 3, needs_wgmma: bool = False, label: str = "",
+                aligned: Sequence[str] = ()) -> KernelConfig:
     """A KernelConfig for `kernel`: `args` gives the Triton type of each runtime argument (all of them), the
     constexprs their values; the signature is put in the kernel's parameter order (checked complete)."""
     fn = getattr(kernel, "fn", kernel)
@@ -70,8 +76,11 @@ def make_config(kernel, args: Dict[str, str], constexprs: Dict[str, object], num
         raise ValueError(f"{fn.__name__}: signature misses {sorted(missing)}, has unknown {sorted(extra)}")
     flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
     name = f"{fn.__name__}[{label + ',' if label else ''}{flags},w{num_warps},s{num_stages}]"
+    unknown = set(aligned) - set(args)
+    if unknown:
+        raise ValueError(f"{fn.__name__}: aligned names unknown arguments {sorted(unknown)}")
     return KernelConfig(name, kernel, {p: types[p] for p in params}, dict(constexprs), num_warps, num_stages,
-                        needs_wgmma)
+                        needs_wgmma, tuple(p for p in params if p in set(aligned)))
 
 
 def triton_type(dtype) -> str:
@@ -97,7 +106,7 @@ def all_configurations() -> List[KernelConfig]:
 def _compile_key(config: KernelConfig) -> tuple:
     fn = getattr(config.kernel, "fn", config.kernel)
     return (fn.__module__, fn.__name__, tuple(config.signature.items()), tuple(sorted(config.constexprs.items())),
-            config.num_warps, config.num_stages)
+            config.num_warps, config.num_stages, config.aligned)
 
 
 def deduplicate(configs: Iterable[KernelConfig]) -> List[KernelConfig]:
@@ -204,7 +213,9 @@ def compile_sm90(config: KernelConfig) -> CompiledInfo:
     from triton.compiler import ASTSource
 
     start = time.perf_counter()
-    source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs)
+    params = list(config.signature)
+    attrs = {(params.index(name),): [["tt.divisibility", 16]] for name in config.aligned}
+    source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", TARGET_ARCH, WARP_SIZE),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,6 +54,21 @@ MODES = ("add", "concat")
 # consecutive pixel tiles into its own row, so the final reduce reads a bounded buffer. The grouping depends on
 # the shape only, which keeps the result deterministic.
 MAX_PARTIAL_ROWS = 1024
+# Forward tiles: 2048 values per program for channel tiles of 16 and more (every DLA-Up / CenterNet step); 1024
+# for narrower ones, where 2048 spills registers on sm_90 (tests/test_aot_sm90.py).
+FWD_TILE_ELEMENTS = 2048
+NARROW_FWD_TILE_ELEMENTS = 1024
+
+
+def fwd_block_m(block_c: int) -> int:
+    """BLOCK_M of upsample_merge_fwd_kernel for a channel tile of block_c."""
+    return max(16, (FWD_TILE_ELEMENTS if block_c >= 16 else NARROW_FWD_TILE_ELEMENTS) // block_c)
+
+
+def bwd_block_c(c: int, factor: int, dtype: torch.dtype) -> int:
+    """BLOCK_C of upsample_merge_bwd_kernel: up to 32 channels; 16 for fp32 at factor >= 16 (its (2f)^2 fp32
+    tap sums spill at 32 on sm_90)."""
+    return min(16 if dtype == torch.float32 and factor >= 16 else 32, triton.next_power_of_2(c))
 
 
 def upsample_merge_reference(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, factor: int,
@@ -268,7 +283,7 @@ def _triton_forward(low: torch.Tensor, weight_t: torch.Tensor, high: torch.Tenso
     if out.numel() == 0:
         return out
     block_c = min(64, triton.next_power_of_2(max(c, c_high if concat else 1)))
-    block_m = max(16, 2048 // block_c)
+    block_m = fwd_block_m(block_c)
     n_high_blocks = triton.cdiv(c_high, block_c) if concat else 0
     grid = (triton.cdiv(m_out, block_m), n_high_blocks + triton.cdiv(c, block_c))
     with device_guard(low):
@@ -288,7 +303,7 @@ def _triton_backward(grad_out: torch.Tensor, channel_offset: int, low: torch.Ten
     if c == 0:
         return grad_low, grad_weight
     m_low = n * h * w
-    block_c = min(32, triton.next_power_of_2(c))
+    block_c = bwd_block_c(c, factor, low.dtype)
     block_m = 64
     n_tiles = triton.cdiv(m_low, block_m)
     tiles_per_program = max(1, triton.cdiv(n_tiles, MAX_PARTIAL_ROWS))
@@ -447,16 +462,27 @@ def kernel_configurations() -> list:
                         upsample_merge_fwd_kernel,
                         dict(low_ptr=t, weight_t_ptr=t, high_ptr=t, out_ptr=t, M_out="i32", C="i32", C_high="i32",
                              C_out="i32", H="i32", W="i32", h="i32", w="i32", n_high_channel_blocks="i32"),
-                        dict(FACTOR=factor, CONCAT=concat, BLOCK_M=max(16, 2048 // block_c), BLOCK_C=block_c),
-                        num_warps=4, label=triton_type(dtype)))
-            for block_c in sorted({min(32, triton.next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33)}):
+                        dict(FACTOR=factor, CONCAT=concat, BLOCK_M=fwd_block_m(block_c), BLOCK_C=block_c),
+                        num_warps=4, label=triton_type(dtype),
+                        aligned=_aligned(block_c, "low_ptr", "weight_t_ptr", "high_ptr", "out_ptr", "C", "C_high",
+                                         "C_out")))
+            for block_c in sorted({bwd_block_c(c, factor, dtype) for c in (1, 2, 3, 5, 9, 17, 33)}):
                 configs.append(make_config(
                     upsample_merge_bwd_kernel,
                     dict(grad_ptr=t, low_ptr=t, weight_t_ptr=t, grad_low_ptr=t, partial_ptr="*fp32", M_low="i32",
                          C="i32", H="i32", W="i32", h="i32", w="i32", grad_row_stride="i32",
                          grad_channel_offset="i32", tiles_per_program="i32"),
-                    dict(FACTOR=factor, BLOCK_M=64, BLOCK_C=block_c), num_warps=4, label=triton_type(dtype)))
+                    dict(FACTOR=factor, BLOCK_M=64, BLOCK_C=block_c), num_warps=4, label=triton_type(dtype),
+                    aligned=_aligned(block_c, "grad_ptr", "low_ptr", "weight_t_ptr", "grad_low_ptr", "partial_ptr",
+                                     "C", "grad_row_stride", "grad_channel_offset")))
             configs.append(make_config(
                 grad_weight_reduce_kernel, dict(partial_ptr="*fp32", grad_weight_ptr=t, n_blocks="i32", C="i32"),
                 dict(TAPS=4 * factor * factor, BLOCK=256), num_warps=4, label=triton_type(dtype)))
     return configs
+
+
+def _aligned(block_c: int, *names: str) -> tuple:
+    """The arguments the JIT sees divisible by 16 in the models' up paths (16-byte aligned pointers; channel
+    counts and offsets, multiples of 16 in every DLA-Up / CenterNet step), for the channel tiles those channel
+    counts pick (>= 16); narrower tiles come from narrower inputs, compiled generic."""
+    return names if block_c >= 16 else ()
