@@ -229,6 +229,29 @@ def test_standalone_dcn_block_and_torchvision_deform_conv_are_swapped(monkeypatc
     assert all(model[n] is m for n, m in originals.items())
 
 
+def test_standalone_block_follows_a_sync_batchnorm_conversion_after_accelerate():
+    """convert_sync_batchnorm after accelerate(): the block drops its folded pair of the old BatchNorm2d (no
+    folded inference in training mode) and runs its BatchNorm through the synchronized fused op (outside a
+    process group: plain batch statistics, as nn.SyncBatchNorm), equal to the eager block; restore() gives the
+    SyncBatchNorm back."""
+    model = nn.ModuleDict(dict(block=_perturb_dcn(IDAConv(4, 5, deformable=True)).eval()))
+    ref = copy.deepcopy(model)
+    dla_fast.accelerate(model)
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.train()
+    ref.train()
+    assert model["block"].fold_pairs() == [] and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
+    x = torch.randn(2, 4, 5, 6)
+    with dla_fast.use_backend("triton"), torch.no_grad():
+        out = model["block"](x)
+    with torch.no_grad():
+        expected = ref["block"](x)
+    assert_close(out, expected, 1e-5, "block with a SyncBatchNorm, training, no gradients")
+    _compare_buffers(model, ref, "after one step")
+    dla_fast.restore(model)
+    assert isinstance(model["block"], IDAConv) and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
+
+
 def test_block_rejects_bad_inputs_with_clear_errors():
     from dla_fast.ops.deform_conv.block import dcn_block
 

@@ -80,7 +80,10 @@ def bench_data_parallel(provider, eager_model: nn.Module, config, step_flops, ma
     dist.barrier()
     model = _prepare(provider, eager_model, config, sync_bn)
     device_ids = [config.device.index] if config.device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # CenterTrack's previous-frame branches get no input here (bench feeds the image only): their parameters
+    # take no gradient, which DDP must be told
+    unused = bool(getattr(eager_model, "takes_pre_img", False) or getattr(eager_model, "takes_pre_hm", False))
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
     timing = _time_step(ddp, config, make_step)
     timings: List[Timing] = [None] * world  # type: ignore[list-item]
     dist.all_gather_object(timings, timing)

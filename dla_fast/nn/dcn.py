@@ -23,9 +23,11 @@ import torch.nn as nn
 
 from .. import backend
 from ..models.centernet import IDAConv, ModulatedDeformConv3x3
+from ..ops.batchnorm_act import batchnorm_act
 from ..ops.conv_bn_act import compute_dtype
 from ..ops import deform_conv
 from ..ops.deform_conv.block import OP_NAME, dcn_block, dcn_block_inference
+from .batchnorm import sync_args
 from .folded import FoldedConvBN, fold_applies
 
 _PADDING = (1, 1)  # ModulatedDeformConv3x3: 3x3 taps, stride 1, padding 1, dilation 1
@@ -98,6 +100,15 @@ class FusedDCNBlock(nn.Module):
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
         self.__dict__["_fold"] = FoldedDCN(self.conv, self.actf[0])
 
+    def _pair(self):
+        """The FoldedDCN of the children as they are now (rebuilt when one was replaced, e.g. by
+        convert_sync_batchnorm after accelerate), or None when they cannot run fused (a SyncBatchNorm)."""
+        conv, bn = self.conv, self.actf[0]
+        fold = self.__dict__["_fold"]
+        if fold is None or fold.conv is not conv or fold.bn is not bn:
+            fold = self.__dict__["_fold"] = None if dcn_unsupported(conv, bn) else FoldedDCN(conv, bn)
+        return fold
+
     @staticmethod
     def unsupported(module: nn.Module) -> str:
         """Why `module` cannot be replaced ('' when it can)."""
@@ -115,17 +126,25 @@ class FusedDCNBlock(nn.Module):
         return self.__dict__["_original"]
 
     def fold_pairs(self) -> List[FoldedConvBN]:
-        return [self.__dict__["_fold"]]
+        fold = self._pair()
+        return [] if fold is None else [fold]
 
     def train(self, mode: bool = True):
-        self.__dict__["_fold"].clear()
+        fold = self._pair()
+        if fold is not None:
+            fold.clear()
         self.original.training = mode
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if backend.resolve(x.device, OP_NAME) == "torch":
             return self.original(x)
-        fold = self.__dict__["_fold"]
+        fold = self._pair()
+        if fold is None:  # a SyncBatchNorm: the deformable conv as it is, then the synchronized fused BN + ReLU
+            bn = self.actf[0]
+            return batchnorm_act(self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                 bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, relu=True,
+                                 **sync_args(bn))
         if fold_applies(self, [fold], x):
             return fold(x)
         return deform_conv_bn_relu(self.conv, self.actf[0], x)

@@ -66,7 +66,10 @@ def _all_gather_rows(payload: torch.Tensor, group) -> torch.Tensor:
 
 def check_channels(channels: int, group, device: torch.device) -> None:
     """Raise ValueError on every rank when the ranks of `group` normalize different numbers of channels.
-    device: where the group's collectives run (the activations' device)."""
+    device: where the group's collectives run (the activations' device). Skipped while a CUDA graph is being
+    captured (the check reads the result on the host, which capture forbids; the eager steps before it ran it)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
     bounds = torch.tensor([channels, -channels], dtype=torch.int64, device=device)
     dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
     largest, smallest = int(bounds[0]), -int(bounds[1])
