@@ -55,7 +55,8 @@ def aggregate_reference(children: Sequence[torch.Tensor], weight: torch.Tensor, 
 
     BatchNorm follows nn.BatchNorm2d exactly, running statistics and num_batches_tracked included.
     """
-    x = F.conv2d(torch.cat(list(children), 1), weight, padding=(weight.shape[-1] - 1) // 2)
+    x = torch.cat(list(children), 1)
+    x = F.conv2d(x, weight.to(x.dtype), padding=(weight.shape[-1] - 1) // 2)  # an fp32 weight with 16-bit children
     factor = 0.0 if momentum is None else momentum
     if training and running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -808,7 +809,8 @@ def _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, 
     sync_stats.sync_batch_norm_reference."""
     impl = backend.resolve(children[0].device, OP_NAME, children[0].dtype)
     if impl == "torch":
-        y = F.conv2d(torch.cat(list(children), 1), weight, padding=(weight.shape[-1] - 1) // 2)
+        y = torch.cat(list(children), 1)
+        y = F.conv2d(y, weight.to(y.dtype), padding=(weight.shape[-1] - 1) // 2)
         y = sync_stats.sync_batch_norm_reference(y, bn_weight, bn_bias, running_mean, running_var,
                                                  num_batches_tracked, momentum, eps, group)
         return F.relu(y + children[0] if residual else y)
@@ -944,8 +946,9 @@ def kernel_configurations() -> list:
                     M="i32", C="i32", num_tiles="i32")
         configs.append(make_config(aggregate_stats_group_kernel, args,
                                    dict(TILE_ROWS=block_m, GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)))
+        tile_counts = (1, 17, 33, 64, 65, 64 * 17 + 1, 64 * 33 + 1, 6272, 100000)  # every BLOCK_T, both levels
         shapes = {(merge["tile_rows"], merge["block_t"])
-                  for merge in (_stats_merge_shape(tiles, block_m) for tiles in (1, 17, 64, 65, 6272, 100000))}
+                  for merge in (_stats_merge_shape(tiles, block_m) for tiles in tile_counts)}
         for (rows, block_t), running in _product(sorted(shapes), (None, "*fp32", "*fp16", "*bf16")):
             for counter, cumulative in (((None, False),) if running is None else
                                         (("*i64", False), ("*i64", True), (None, False))):

@@ -35,7 +35,7 @@ import torch
 from ... import backend
 from ..batchnorm_act import batchnorm_act, batchnorm_act_reference, bn_apply, bn_backward_apply, bn_backward_reduce
 from ..common import channels_last, check_channel_vectors, empty_channels_last, fp32_vector, rows_view
-from ..running_stats import check_batch_size, update_running_stats, uses_batch_stats
+from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 from .reference import deform_conv2d_reference
 
 OP_NAME = "dcn_block"
@@ -214,6 +214,10 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
     geometry = _geometry(stride, padding, dilation)
     check_inputs(x, offset_mask, weight, bias, geometry, bn_weight=bn_weight, bn_bias=bn_bias,
                  running_mean=running_mean, running_var=running_var)
+    shape = _out_shape(x, weight, geometry)
+    check_batchnorm_args(OP_NAME, _compute_dtype(x), shape[1], shape[0] * shape[2] * shape[3], x.device,
+                         weight=bn_weight, bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps)
     impl = backend.resolve(x.device, OP_NAME)
     dtype = _compute_dtype(x)
     if impl == "torch" or (dtype not in SUPPORTED_DTYPES and backend.get_backend() == "auto"):
@@ -223,13 +227,8 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
         raise backend.BackendUnavailable(f"{OP_NAME}: the {impl} kernels take {', '.join(map(str, SUPPORTED_DTYPES))};"
                                          f" got {dtype}")
     use_batch_stats = uses_batch_stats(training, running_mean, running_var)
-    shape = _out_shape(x, weight, geometry)
-    if use_batch_stats:
-        check_batch_size(shape[0] * shape[2] * shape[3], shape[1])
     running = None
     if training and running_mean is not None:
-        if momentum is None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         running = (running_mean, running_var, num_batches_tracked, momentum)
     x, offset_mask, weight, bias = (_cast(t, dtype) for t in (x, offset_mask, weight, bias))
     if torch.compiler.is_compiling():  # traced: the op's custom ops with autograd, BN + ReLU as batchnorm_act

@@ -2,7 +2,7 @@
 list of every kernel configuration the launchers can pick (for the ahead-of-time sm_90 compile check)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from .._triton import triton
@@ -281,4 +281,14 @@ def kernel_configurations() -> list:
                         f"deform_conv_grad_weight_kernel[{t},BLOCK_C={bc},BLOCK_CO={bco},BLOCK_M={bm},{precision}]",
                         deform_conv_grad_weight_kernel, _signature(pointers, ints, constexprs), constexprs,
                         needs_wgmma=dtype != torch.float32, **launch_options("grad_weight", (bc, bco, bm)))
+    for bm in sorted({key[3] for key in configs if key[0] == "fwd"}):  # the statistics merge after the forward
+        constexprs = dict(TILE_ROWS=bm, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_T=_STATS_MERGE_BLOCK_T,
+                          BLOCK_C=_STATS_MERGE_BLOCK_C)
+        signature = {**{name: "*fp32" for name in ("part_sum_ptr", "part_m2_ptr", "mean_ptr", "var_ptr",
+                                                    "running_mean_ptr", "running_var_ptr", "num_batches_ptr")},
+                     "momentum": "fp32", "M": "i32", "C": "i32", "num_tiles": "i32",
+                     **{name: "constexpr" for name in constexprs}}
+        configs[("stats_merge", bm)] = KernelConfig(
+            f"aggregate_stats_merge_kernel[deform_conv,TILE_ROWS={bm},BLOCK_T={_STATS_MERGE_BLOCK_T}]",
+            aggregate_stats_merge_kernel, signature, constexprs)
     return list(configs.values())
