@@ -34,7 +34,7 @@ CASES = [
     ("dla34", {}, "eval", "triton", _EVAL_OPS),
     ("dla34", {}, "train", "triton", _TRAIN_OPS),
     ("dla102x", {}, "eval", "triton", _EVAL_OPS),
-    ("dla46x_c", {}, "train", "auto", set()),  # dla102x's block classes, a shallower tree (CI time)
+    ("dla102x", {}, "train", "auto", set()),
     ("dla34up", {}, "eval", "triton", _EVAL_OPS | {"dla_fast.upsample_merge_fwd"}),
     ("dla34up", {}, "train", "auto", set()),
     ("centernet_dla34", {"dcn": False}, "eval", "triton", _EVAL_OPS | {"dla_fast.upsample_merge_fwd"}),

@@ -266,4 +266,7 @@ def test_block_rejects_bad_inputs_with_clear_errors():
     with pytest.raises(ValueError, match=r"running_mean must have shape \(6,\)"):
         dcn_block(x, torch.randn(1, 27, 5, 5), weight, bias, bn[0], bn[1], torch.randn(5), bn[3])
     with dla_fast.use_backend("triton"), pytest.raises(dla_fast.BackendUnavailable, match="float64"):
-        dcn_block(x.double(), torch.randn(1, 27, 5, 5).double(), weight.double(), bias.double(), *bn)
+        dcn_block(x.double(), torch.randn(1, 27, 5, 5).double(), weight.double(), bias.double(),
+                  *(t.double() for t in bn))
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training"):  # every backend
+        dcn_block(x, torch.randn(1, 27, 5, 5), weight, bias, *bn, training=True, eps=0.0)
