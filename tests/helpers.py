@@ -51,3 +51,33 @@ def poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+def assert_same_buffers(fused: nn.Module, ref: nn.Module, where: str) -> None:
+    """Every buffer of `fused` equals `ref`'s of the same name: floating point within 1e-5 relative (running
+    statistics), integers exactly (num_batches_tracked)."""
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in fused.named_buffers():
+        if b.dtype.is_floating_point:
+            assert_close(b, ref_buffers[name], 1e-5, f"{where}: {name}")
+        else:
+            assert torch.equal(b, ref_buffers[name]), f"{where}: {name}"
+
+
+class LaunchCounter:
+    """Names of the Triton kernels launched while it is installed (interpreter or GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.names = []
+        if torch.cuda.is_available():
+            from triton.runtime.jit import JITFunction as kernel_class
+        else:
+            from triton.runtime.interpreter import InterpretedFunction as kernel_class
+        original = kernel_class.run
+        names = self.names
+
+        def counting_run(self, *args, **kwargs):
+            names.append(self.fn.__name__)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kernel_class, "run", counting_run)

@@ -18,7 +18,7 @@ from dla_fast.nn import FusedIDAUp, FusedIDAUpAdd, FusedRoot
 from dla_fast.nn import folded as folded_module
 from dla_fast.nn.folded import FoldedBasicBlock, FoldedBottleneck, FoldedConvBNStack
 
-from helpers import assert_close, randomize_bn
+from helpers import LaunchCounter, assert_close, assert_same_buffers, randomize_bn
 
 timm = pytest.importorskip("timm")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,25 +27,6 @@ FOLDED_TYPES = (FoldedBasicBlock, FoldedBottleneck, FoldedConvBNStack)
 BN_TRAINING_KERNELS = ("channel_stats_partial_kernel", "channel_stats_merge_kernel", "bn_apply_kernel",
                        "bn_backward_reduce_partial_kernel", "bn_backward_reduce_merge_kernel",
                        "bn_backward_apply_kernel")
-
-
-class LaunchCounter:
-    """Counts Triton kernel launches by name (interpreter or GPU)."""
-
-    def __init__(self, monkeypatch):
-        self.names = []
-        if DEVICE == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction as kernel_class
-        else:
-            from triton.runtime.jit import JITFunction as kernel_class
-        original = kernel_class.run
-        names = self.names
-
-        def counting_run(self, *args, **kwargs):
-            names.append(self.fn.__name__)
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(kernel_class, "run", counting_run)
 
 
 def _flat(value):
@@ -143,12 +124,7 @@ def _check_modules(recorder, training, types, kernels, in_model=True):
                 assert p.grad.abs().max() <= 1e-5 * scale, f"{where}: grad of {name} should vanish"
             else:
                 assert_close(p.grad, eager_params[name], 1e-4, f"{where}: grad of {name}")
-        eager_buffers = dict(eager.named_buffers())
-        for name, b in (call["module"] if in_model else fused).named_buffers():
-            if b.dtype.is_floating_point:
-                assert_close(b, eager_buffers[name], 1e-5, f"{where}: {name} after the call")
-            else:
-                assert torch.equal(b, eager_buffers[name]), f"{where}: {name}"
+        assert_same_buffers(call["module"] if in_model else fused, eager, f"{where} after the call")
 
 
 def _first_tensor(output):
@@ -333,12 +309,7 @@ def _check_training_steps(call, momentum, kernels, counter, steps=2):
         for name, p in fused.named_parameters():
             if p.grad is not None and eager_params[name].grad.abs().max() > 0:
                 assert_close(p.grad, eager_params[name].grad, 1e-4, f"{where}: grad of {name}, step {step}")
-        eager_buffers = dict(eager.named_buffers())
-        for name, b in fused.named_buffers():
-            if b.dtype.is_floating_point:
-                assert_close(b, eager_buffers[name], 1e-5, f"{where}: {name} after step {step}")
-            else:
-                assert torch.equal(b, eager_buffers[name]), f"{where}: {name} after step {step}"
+        assert_same_buffers(fused, eager, f"{where} after step {step}")
 
 
 def _representative_calls(calls):

@@ -16,8 +16,8 @@ import dla_fast.ops.deform_conv.launch as deform_conv_launch
 from dla_fast.models.centernet import IDAConv, IDAUpAdd
 from dla_fast.nn import FusedDCNBlock, FusedDeformConv2d, FusedIDAUpAdd
 
-from helpers import assert_close, poisoned_allocations, randomize_bn, rel_err
-from test_accelerate import LaunchCounter
+from helpers import (LaunchCounter, assert_close, assert_same_buffers, poisoned_allocations, randomize_bn,
+                     rel_err)
 
 torchvision = pytest.importorskip("torchvision")
 pytestmark = pytest.mark.interpreter
@@ -48,15 +48,6 @@ def _compare_grads(fused: nn.Module, ref: nn.Module, where: str) -> None:
             assert_close(p.grad, expected, 1e-4, f"{where}: grad of {name}")
 
 
-def _compare_buffers(fused: nn.Module, ref: nn.Module, where: str) -> None:
-    ref_buffers = dict(ref.named_buffers())
-    for name, b in fused.named_buffers():
-        if b.dtype.is_floating_point:
-            assert_close(b, ref_buffers[name], 1e-5, f"{where}: {name}")
-        else:
-            assert torch.equal(b, ref_buffers[name]), f"{where}: {name}"
-
-
 def test_fused_block_trains_like_the_eager_block(monkeypatch):
     """Training: outputs, input and every parameter gradient, running statistics after three steps (two with
     momentum=None, the cumulative average, then one with momentum 0.1)."""
@@ -75,7 +66,7 @@ def test_fused_block_trains_like_the_eager_block(monkeypatch):
             out.backward(grad)
         assert_close(out, out_ref, 1e-5, f"step {step}: output")
         assert_close(x_fused.grad, x_ref.grad, 1e-4, f"step {step}: grad of the input")
-        _compare_buffers(fused, ref, f"step {step} (momentum {momentum})")
+        assert_same_buffers(fused, ref, f"step {step} (momentum {momentum})")
     _compare_grads(fused, ref, "after 3 steps")
     for kernel in (FWD_KERNEL, *BWD_KERNELS, "bn_apply_kernel", "bn_backward_apply_kernel"):
         assert kernel in counter.names, f"{kernel} did not run"
@@ -107,7 +98,7 @@ def test_fused_block_eval_folds_and_refolds(monkeypatch):
     assert_close(out, ref(x), 1e-5, "eval output with gradients")
     assert_close(x_fused.grad, x_ref.grad, 1e-4, "eval: grad of the input")
     _compare_grads(fused, ref, "eval")
-    _compare_buffers(fused, ref, "eval")
+    assert_same_buffers(fused, ref, "eval")
     assert FWD_KERNEL in counter.names and BWD_KERNELS[0] in counter.names
 
 
@@ -157,7 +148,7 @@ def test_fused_ida_step_with_deformable_convs_trains_like_the_eager_one(monkeypa
     for k, (a, b) in enumerate(zip(fused_in, ref_in)):
         assert_close(a.grad, b.grad, 1e-4, f"grad of layer {k}")
     _compare_grads(fused, ref, "training step")
-    _compare_buffers(fused, ref, "training step")
+    assert_same_buffers(fused, ref, "training step")
     assert counter.names.count(FWD_KERNEL) == 2  # proj_1 and node_1
 
 
@@ -247,7 +238,7 @@ def test_standalone_block_follows_a_sync_batchnorm_conversion_after_accelerate()
     with torch.no_grad():
         expected = ref["block"](x)
     assert_close(out, expected, 1e-5, "block with a SyncBatchNorm, training, no gradients")
-    _compare_buffers(model, ref, "after one step")
+    assert_same_buffers(model, ref, "after one step")
     dla_fast.restore(model)
     assert isinstance(model["block"], IDAConv) and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
 

@@ -7,7 +7,7 @@ import dla_fast
 from dla_fast.ops.deform_conv import (deform_conv2d, deform_conv2d_backward, deform_conv2d_bwd, deform_conv2d_forward,
                                       deform_conv2d_fwd, launch)
 
-from helpers import poisoned_allocations, rel_err
+from helpers import LaunchCounter, poisoned_allocations, rel_err
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -23,25 +23,6 @@ def small_tiles(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setattr(launch, "TILE_OVERRIDES", {"fwd": (32, 16, 16), "grad_sample": (32, 16, 16),
                                                        "grad_weight": (16, 16, 32)})
-
-
-class LaunchCounter:
-    """Names of the Triton kernels launched (interpreter or GPU)."""
-
-    def __init__(self, monkeypatch):
-        self.names = []
-        if DEVICE == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction as kernel_class
-        else:
-            from triton.runtime.jit import JITFunction as kernel_class
-        original = kernel_class.run
-        names = self.names
-
-        def counting_run(self, *args, **kwargs):
-            names.append(self.fn.__name__)
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(kernel_class, "run", counting_run)
 
 
 def _output_size(size, k, stride, padding, dilation):

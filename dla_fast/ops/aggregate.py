@@ -26,7 +26,7 @@ and `dla_fast::aggregate_bwd`, with fake implementations and registered autograd
 """
 from __future__ import annotations
 
-import itertools
+from itertools import product
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -894,9 +894,9 @@ def kernel_configurations() -> list:
         act = "*" + triton_type(dtype)
         wgmma = dtype != torch.float32
         fwd_tiles = {_tile_sizes("fwd", m, cout, dtype, cuda) for m in (1, 1 << 20) for cout in couts}
-        for (block_m, block_n, block_k), precision, num in _product(sorted(fwd_tiles), precisions[dtype],
+        for (block_m, block_n, block_k), precision, num in product(sorted(fwd_tiles), precisions[dtype],
                                                                     range(1, MAX_CHILDREN + 1)):
-            for residual, (apply_bn, store_preact, stats) in _product(
+            for residual, (apply_bn, store_preact, stats) in product(
                     (False, True), ((True, False, False), (True, True, False), (False, True, True))):
                 args = dict({c: act for c in children}, **counts, w_ptr=act, stride_wn="i32", out_ptr=act,
                             y_ptr=act if store_preact else "*fp32", part_sum_ptr="*fp32", part_m2_ptr="*fp32",
@@ -909,9 +909,9 @@ def kernel_configurations() -> list:
                          DOT_PRECISION=precision),
                     needs_wgmma=wgmma, label=triton_type(dtype), aligned=_aligned(args),
                     **_launch_options(block_m * block_n, cuda)))
-        for precision, num in _product(precisions[dtype], range(1, MAX_CHILDREN + 1)):
+        for precision, num in product(precisions[dtype], range(1, MAX_CHILDREN + 1)):
             block_m, block_c, block_co = _tile_sizes("grad_input", 1, 1, dtype, cuda)
-            for residual, batch_stats, dy_ready in _product((False, True), (False, True), (False, True)):
+            for residual, batch_stats, dy_ready in product((False, True), (False, True), (False, True)):
                 args = dict({f"g{i}": act for i in range(MAX_CHILDREN)}, **counts, grad_out_ptr=act, out_ptr=act,
                             y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32", sum_gx_ptr="*fp32", mean_ptr="*fp32",
                             var_ptr="*fp32", gamma_ptr="*fp32", w_ptr=act, stride_wn="i32", M="i32", Cout="i32",
@@ -932,7 +932,7 @@ def kernel_configurations() -> list:
                          DOT_PRECISION=precision),
                     needs_wgmma=wgmma and block_wco >= 64, label=triton_type(dtype), aligned=_aligned(args),
                     **_launch_options(block_wco * block_wc, cuda)))
-        for dy_shape, batch_stats in _product(sorted({_dy_tile_shape(cout) for cout in couts}), (False, True)):
+        for dy_shape, batch_stats in product(sorted({_dy_tile_shape(cout) for cout in couts}), (False, True)):
             args = dict(grad_out_ptr=act, out_ptr=act, y_ptr=act, dy_ptr=act, sum_g_ptr="*fp32", sum_gx_ptr="*fp32",
                         mean_ptr="*fp32", var_ptr="*fp32", gamma_ptr="*fp32", M="i32", Cout="i32", eps="fp32")
             configs.append(make_config(aggregate_dy_kernel, args,
@@ -949,7 +949,7 @@ def kernel_configurations() -> list:
         tile_counts = (1, 17, 33, 64, 65, 64 * 17 + 1, 64 * 33 + 1, 6272, 100000)  # every BLOCK_T, both levels
         shapes = {(merge["tile_rows"], merge["block_t"])
                   for merge in (_stats_merge_shape(tiles, block_m) for tiles in tile_counts)}
-        for (rows, block_t), running in _product(sorted(shapes), (None, "*fp32", "*fp16", "*bf16")):
+        for (rows, block_t), running in product(sorted(shapes), (None, "*fp32", "*fp16", "*bf16")):
             for counter, cumulative in (((None, False),) if running is None else
                                         (("*i64", False), ("*i64", True), (None, False))):
                 args = dict(part_sum_ptr="*fp32", part_m2_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32",
@@ -962,9 +962,6 @@ def kernel_configurations() -> list:
                          BLOCK_T=block_t, BLOCK_C=STATS_BLOCK_C), label=running or "no running stats"))
     return configs
 
-
-def _product(*axes):
-    return itertools.product(*axes)
 
 
 def _aligned(args: dict) -> tuple:
