@@ -9,7 +9,8 @@ The choice comes from `set_backend(name)` / `use_backend(name)`, else the enviro
 - `cuda`:   the hand-written kernels of the extension `dla_fast._C` for the memory-bound steps; the
   GEMM-shaped parts (the aggregation node's 1x1 conv) stay in Triton.
 - `auto`:   fused kernels for CUDA tensors, the eager path for CPU tensors and for dtypes the kernels do
-  not take (fp64; explicit `triton` / `cuda` refuse those with BackendUnavailable).
+  not take (fp64; explicit `triton` / `cuda` refuse those with BackendUnavailable). Without the package
+  `triton` every op runs eager under `auto`, with one RuntimeWarning saying so.
 
 Asking for a backend that cannot run on the tensors at hand raises `BackendUnavailable`; nothing falls
 back silently.
@@ -17,8 +18,10 @@ back silently.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
+import warnings
 
 import torch
 
@@ -80,11 +83,20 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_reason(device: torch.device | None) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    """Why `import triton` fails here (None: it imports); looked up once per process."""
     try:
         import triton  # noqa: F401
     except ImportError as e:  # dla_fast.ops then uses stand-ins (dla_fast/ops/_triton.py)
         return f"triton is not importable ({e})"
+    return None
+
+
+def _triton_reason(device: torch.device | None) -> str | None:
+    error = _triton_import_error()
+    if error is not None:
+        return error
     if device is None:
         if torch.cuda.is_available() or triton_interpreter_enabled():
             return None
@@ -147,12 +159,21 @@ def available_backends() -> dict[str, str | None]:
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_eager_without_triton() -> None:
+    """Once per process: `auto` runs the eager reference on CUDA tensors because Triton is missing."""
+    warnings.warn(f"dla_fast backend 'auto' runs every op as eager PyTorch: {_triton_import_error()}; the fused "
+                  "kernels (Triton, and the extension, whose GEMM and statistics steps are Triton kernels) need "
+                  "the package 'triton'", RuntimeWarning, stacklevel=3)
+
+
 @torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None) -> str:
     """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device` and `dtype`.
 
     `auto` picks the fused kernels for CUDA tensors of a dtype they take (FUSED_DTYPES; per op, from
-    `AUTO_CHOICE`) and eager for the rest (CPU tensors, fp64). An explicit backend that cannot run (not
+    `AUTO_CHOICE`) and eager for the rest (CPU tensors, fp64; every tensor when Triton is not importable, with
+    one RuntimeWarning per process). An explicit backend that cannot run (not
     available here, or a dtype its kernels do not take) raises BackendUnavailable naming the reason. Under
     torch.compile the answer is taken once, while tracing, and kept by the compiled graph.
     """
@@ -160,6 +181,9 @@ def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None
     fused_dtype = dtype is None or dtype in FUSED_DTYPES
     if name == "auto":
         if device.type != "cuda" or not fused_dtype:
+            return "torch"
+        if _triton_import_error() is not None:  # every fused path needs Triton (the extension's too)
+            _warn_eager_without_triton()
             return "torch"
         choice = AUTO_CHOICE.get(op, "triton")
         if choice == "cuda" and unavailable_reason("cuda", device) is not None:

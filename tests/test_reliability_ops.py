@@ -382,7 +382,8 @@ def _tensors(value):
 def test_dla_fast_works_without_triton(tmp_path):
     """A fresh interpreter where `import triton` fails (sys.modules entry None: importlib's own "not
     importable", which find_spec also reports as absent): import dla_fast, run an eager model, load a
-    checkpoint, run a fused op with backend 'torch'; backend 'triton' raises BackendUnavailable naming triton."""
+    checkpoint, run a fused op with backend 'torch'; backend 'triton' raises BackendUnavailable naming triton; 'auto' runs
+    CUDA tensors eagerly, warning once."""
     checkpoint = tmp_path / "dla46_c.pth"
     torch.save(dla_fast.create_model("dla46_c", num_classes=3).state_dict(), checkpoint)
     script = textwrap.dedent(f"""
@@ -406,6 +407,14 @@ def test_dla_fast_works_without_triton(tmp_path):
             assert "triton" in str(e) and "not importable" in str(e), e
         else:
             raise AssertionError("backend 'triton' ran without triton")
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cuda = torch.device("cuda")  # resolve() only looks at the device type: no GPU needed
+            assert [dla_fast.backend.resolve(cuda, op, torch.bfloat16) for op in ("aggregate", "batchnorm_act")] \
+                == ["torch", "torch"]
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == 1 and "eager" in messages[0] and "triton" in messages[0], messages
         assert not any(name == "triton" or name.startswith("triton.") for name, m in sys.modules.items()
                        if m is not None), "something imported triton"
         print("ok")
