@@ -128,7 +128,7 @@ class _DCNBlockFunction(torch.autograd.Function):
         if use_batch_stats:
             if count == 0:
                 y = empty_channels_last(shape, x.dtype, x.device)
-                mean, var = (x.new_zeros(shape[1], dtype=torch.float32) for _ in range(2))
+                mean = var = x.new_zeros(shape[1], dtype=torch.float32)
             else:
                 y, mean, var = _conv_forward(x, offset_mask, weight, bias, geometry, relu=False, stats=True)
             if group is not None:
