@@ -257,6 +257,16 @@ def test_standalone_block_follows_a_sync_batchnorm_conversion_after_accelerate(m
     assert isinstance(model["block"], IDAConv) and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
 
 
+def test_standalone_block_with_a_replaced_normalization_raises():
+    """A normalization replaced after accelerate() by one the block cannot run fused (no BatchNorm): a clear error
+    naming the reason, not a silent fallback."""
+    model = nn.ModuleDict(dict(block=IDAConv(4, 5, deformable=True).train()))
+    dla_fast.accelerate(model)
+    model["block"].actf[0] = nn.GroupNorm(1, 5)
+    with dla_fast.use_backend("triton"), pytest.raises(ValueError, match="normalization is a GroupNorm"):
+        model["block"](torch.randn(2, 4, 5, 6))
+
+
 def test_block_rejects_bad_inputs_with_clear_errors():
     from dla_fast.ops.deform_conv.block import dcn_block
 
