@@ -53,6 +53,54 @@ def aggregate_inputs():
     return children, weight, grad, params
 
 
+def dcn_block_inputs():
+    """Whole-batch inputs of the dcn_block scenarios: x (4, 3, 5, 7), offset-mask tensor (4, 27, 5, 7) (offsets of
+    a few pixels, masks spread over (0, 1)), deformable-conv weight (4, 3, 3, 3) and bias (4,), output gradient
+    (4, 4, 5, 7), and the BatchNorm's (weight, bias, running mean, running var)."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(4, 3, 5, 7, generator=g)
+    offset_mask = torch.randn(4, 27, 5, 7, generator=g) * 1.5
+    weight = torch.randn(4, 3, 3, 3, generator=g) * 0.3
+    bias = torch.randn(4, generator=g) * 0.5
+    grad = torch.randn(4, 4, 5, 7, generator=g)
+    params = (torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g) * 0.2,
+              torch.randn(4, generator=g) * 0.2, torch.rand(4, generator=g) + 0.5)
+    return x, offset_mask, weight, bias, grad, params
+
+
+def build_dcn_modules() -> torch.nn.Module:
+    """CenterNet's DCN modules with fixed random weights (offset-mask convs moving the samples by a few pixels)
+    and BatchNorms (plain nn.BatchNorm2d): `block` = IDAConv(3, 4, deformable) and `ida` = IDAUpAdd(4, [4, 3],
+    [1, 2], deformable) (proj_1 and node_1 deformable); run by dcn_modules_forward."""
+    from dla_fast.models.centernet import IDAConv, IDAUpAdd
+    from helpers import randomize_bn
+
+    torch.manual_seed(16)
+    model = torch.nn.ModuleDict(dict(block=IDAConv(3, 4, deformable=True),
+                                     ida=IDAUpAdd(4, [4, 3], [1, 2], deformable=True)))
+    g = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "conv_offset_mask"):
+                m.conv_offset_mask.weight.copy_(torch.randn(m.conv_offset_mask.weight.shape, generator=g) * 0.4)
+                m.conv_offset_mask.bias.copy_(torch.randn(27, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return randomize_bn(model, g)
+
+
+def dcn_modules_inputs():
+    """Whole-batch inputs of build_dcn_modules: x (4, 3, 6, 8) for the block, the coarser IDA level (4, 3, 3, 4),
+    and the output gradient (4, 4, 6, 8)."""
+    g = torch.Generator().manual_seed(18)
+    return (torch.randn(4, 3, 6, 8, generator=g), torch.randn(4, 3, 3, 4, generator=g),
+            torch.randn(4, 4, 6, 8, generator=g))
+
+
+def dcn_modules_forward(model, x, coarse):
+    """The IDA step's last output on [block(x), coarse]."""
+    return model["ida"]([model["block"](x), coarse])[-1]
+
+
 def build_model(name: str) -> torch.nn.Module:
     """The model of a scenario with fixed random weights and BatchNorm statistics (plain nn.BatchNorm2d)."""
     import timm
@@ -112,6 +160,13 @@ def _launched() -> list:
     return names
 
 
+def _launch_counts() -> dict:
+    """{kernel name: launches} since the last reset, then reset."""
+    counts = {name: LAUNCHES.count(name) for name in set(LAUNCHES)}
+    LAUNCHES.clear()
+    return counts
+
+
 def flat_outputs(out) -> torch.Tensor:
     tensors = [out] if isinstance(out, torch.Tensor) else [out[0][k] for k in sorted(out[0])]
     return torch.cat([t.detach().reshape(t.shape[0], -1) for t in tensors], 1)
@@ -160,6 +215,67 @@ def _run_aggregate(rank, backend_name, split, group):
     return dict(out=out.detach(), grad_children=[c.grad for c in children], grad_conv=conv_weight.grad,
                 grad_weight=weight.grad, grad_bias=bias.grad, running_mean=running_mean, running_var=running_var,
                 tracked=tracked, kernels=_launched())
+
+
+def _run_dcn_block(rank, backend_name, split, group, momentum):
+    import dla_fast
+    from dla_fast.ops.deform_conv.block import dcn_block
+
+    x, offset_mask, weight, bias, grad, params = dcn_block_inputs()
+    x = rank_rows(x, rank, split).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    offset_mask = rank_rows(offset_mask, rank, split).clone().requires_grad_(True)
+    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    bn_weight, bn_bias, running_mean, running_var, tracked = _bn_args(params)
+    with dla_fast.use_backend(backend_name):
+        out = dcn_block(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var, tracked, True,
+                        momentum, 1e-5, sync=True, process_group=group)
+        out.backward(rank_rows(grad, rank, split))
+    return dict(out=out.detach(), grad_x=x.grad, grad_offset_mask=offset_mask.grad, grad_conv=weight.grad,
+                grad_conv_bias=bias.grad, grad_weight=bn_weight.grad, grad_bias=bn_bias.grad,
+                running_mean=running_mean, running_var=running_var, tracked=tracked, kernels=_launched())
+
+
+def scenario_dcn(rank):
+    """The fused DCN block with SyncBatchNorm: the op over an explicit group of both ranks in Triton (interpreter)
+    and the eager reference, and with an empty local batch (whole world, momentum=None); then CenterNet's DCN
+    modules (a standalone block and a deformable IDA step) converted to SyncBatchNorm before / after accelerate(),
+    one training step (Triton, or backend torch: the eager synchronized reference) and one eval call (folded)."""
+    import torch.distributed as dist
+
+    import dla_fast
+
+    both = dist.new_group([0, 1])
+    results = {f"dcn_block_{name}": _run_dcn_block(rank, name, SPLIT, both, 0.1) for name in ("triton", "torch")}
+    results["dcn_block_empty"] = _run_dcn_block(rank, "triton", EMPTY_SPLIT, None, None)
+    x, coarse, grad = dcn_modules_inputs()
+    x = rank_rows(x, rank).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    coarse = rank_rows(coarse, rank).contiguous(memory_format=torch.channels_last)
+    for case, backend_name, convert_first in (("before", "triton", True), ("after", "triton", False),
+                                              ("torch", "torch", True)):
+        model = build_dcn_modules().train()
+        if convert_first:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            dla_fast.accelerate(model)
+        else:
+            dla_fast.accelerate(model)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        fused = tuple(type(model[name]).__name__ for name in ("block", "ida"))
+        x.grad = None
+        with dla_fast.use_backend(backend_name):
+            model_out = dcn_modules_forward(model, x, coarse)
+            model_out.backward(rank_rows(grad, rank))
+            train_kernels = _launch_counts()
+            model.eval()
+            with torch.no_grad():
+                eval_out = dcn_modules_forward(model, x, coarse)
+            eval_kernels = _launch_counts()
+        dla_fast.restore(model)
+        results[f"modules_{case}"] = dict(
+            out=model_out.detach(), grad_x=x.grad.clone(), grads={n: p.grad for n, p in model.named_parameters()},
+            buffers={n: b for n, b in model.named_buffers()}, eval_out=eval_out, fused=fused,
+            train_kernels=train_kernels, eval_kernels=eval_kernels,
+            restored=sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()))
+    return results
 
 
 def scenario_ops(rank):
@@ -285,8 +401,8 @@ def scenario_mismatched_channels(rank):
     return dict(error=None)
 
 
-SCENARIOS = {"ops": scenario_ops, "dla34": scenario_dla34, "centernet": scenario_centernet, "ddp": scenario_ddp,
-             "mismatched_channels": scenario_mismatched_channels}
+SCENARIOS = {"ops": scenario_ops, "dcn": scenario_dcn, "dla34": scenario_dla34, "centernet": scenario_centernet,
+             "ddp": scenario_ddp, "mismatched_channels": scenario_mismatched_channels}
 
 
 def main(argv):

@@ -220,27 +220,51 @@ def test_standalone_dcn_block_and_torchvision_deform_conv_are_swapped(monkeypatc
     assert all(model[n] is m for n, m in originals.items())
 
 
-def test_standalone_block_follows_a_sync_batchnorm_conversion_after_accelerate():
-    """convert_sync_batchnorm after accelerate(): the block drops its folded pair of the old BatchNorm2d (no
-    folded inference in training mode) and runs its BatchNorm through the synchronized fused op (outside a
-    process group: plain batch statistics, as nn.SyncBatchNorm), equal to the eager block; restore() gives the
-    SyncBatchNorm back."""
+def test_standalone_block_follows_a_sync_batchnorm_conversion_after_accelerate(monkeypatch):
+    """convert_sync_batchnorm after accelerate(): the block rebuilds its folded pair with the SyncBatchNorm and runs
+    the fused kernels with it: a training step (outside a process group: plain batch statistics, as
+    nn.SyncBatchNorm) equal to the eager block (output, gradients, running statistics), then eval folded (one
+    deformable-conv kernel); restore() gives the SyncBatchNorm back."""
     model = nn.ModuleDict(dict(block=_perturb_dcn(IDAConv(4, 5, deformable=True)).eval()))
     ref = copy.deepcopy(model)
     dla_fast.accelerate(model)
     nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.train()
     ref.train()
-    assert model["block"].fold_pairs() == [] and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
-    x = torch.randn(2, 4, 5, 6)
-    with dla_fast.use_backend("triton"), torch.no_grad():
-        out = model["block"](x)
-    with torch.no_grad():
-        expected = ref["block"](x)
-    assert_close(out, expected, 1e-5, "block with a SyncBatchNorm, training, no gradients")
+    bn = model["block"].actf[0]
+    assert isinstance(bn, nn.SyncBatchNorm) and [p.bn for p in model["block"].fold_pairs()] == [bn]
+    x, grad = torch.randn(2, 4, 5, 6), torch.randn(2, 5, 5, 6)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    counter = LaunchCounter(monkeypatch)
+    with dla_fast.use_backend("triton"):
+        out = model["block"](x_fused)
+        out.backward(grad)
+    expected = ref["block"](x_ref)
+    expected.backward(grad)
+    assert_close(out, expected, 1e-5, "block with a SyncBatchNorm, training")
+    assert_close(x_fused.grad, x_ref.grad, 1e-4, "grad of the input")
+    _compare_grads(model, ref, "block with a SyncBatchNorm")
     assert_same_buffers(model, ref, "after one step")
+    for kernel in (FWD_KERNEL, *BWD_KERNELS, "bn_apply_kernel", "bn_backward_apply_kernel"):
+        assert kernel in counter.names, f"{kernel} did not run"
+    model.eval()
+    ref.eval()
+    counter.names.clear()
+    with dla_fast.use_backend("triton"), torch.no_grad():
+        assert_close(model["block"](x), ref["block"](x), 1e-5, "block with a SyncBatchNorm, eval (folded)")
+    assert counter.names == [FWD_KERNEL], counter.names
     dla_fast.restore(model)
     assert isinstance(model["block"], IDAConv) and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
+
+
+def test_standalone_block_with_a_replaced_normalization_raises():
+    """A normalization replaced after accelerate() by one the block cannot run fused (no BatchNorm): a clear error
+    naming the reason, not a silent fallback."""
+    model = nn.ModuleDict(dict(block=IDAConv(4, 5, deformable=True).train()))
+    dla_fast.accelerate(model)
+    model["block"].actf[0] = nn.GroupNorm(1, 5)
+    with dla_fast.use_backend("triton"), pytest.raises(ValueError, match="normalization is a GroupNorm"):
+        model["block"](torch.randn(2, 4, 5, 6))
 
 
 def test_block_rejects_bad_inputs_with_clear_errors():

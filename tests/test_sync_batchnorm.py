@@ -154,6 +154,87 @@ def test_aggregate_synchronized_equals_one_process(runs, case):
     _check_running(results, running_mean, running_var, tracked)
 
 
+DCN_KERNELS = ("deform_conv_fwd_kernel", "deform_conv_grad_sample_kernel", "deform_conv_grad_weight_kernel")
+
+
+def _check_vanishing_or_close(summed, ref, scale, what):
+    """A gradient that is mathematically zero (the deformable conv's bias before a training-mode BatchNorm: zero
+    over the whole batch, not per rank) has no relative error: its sum over the ranks must vanish against the
+    largest gradient `scale`; any other within 1e-4."""
+    if ref.abs().max() <= 1e-9 * scale:
+        assert summed.abs().max() <= 1e-5 * scale, f"{what} should vanish: {summed.abs().max():.3g}"
+    else:
+        assert_close(summed, ref, 1e-4, what)
+
+
+@pytest.mark.parametrize("case, momentum", [("triton", 0.1), ("torch", 0.1), ("empty", None)])
+def test_dcn_block_synchronized_equals_one_process(runs, case, momentum):
+    """The fused DCN block (deformable conv + SyncBatchNorm + ReLU) over 2 gloo ranks, local batches 3 and 1 (or 4
+    and 0), Triton kernels or the eager reference: as one process on the whole batch with plain BatchNorm2d
+    (torchvision's deformable conv, fp64)."""
+    torchvision = pytest.importorskip("torchvision")
+    results = [r[f"dcn_block_{case}"] for r in runs["dcn"]]
+    _check_kernels(results[:1], case, [*DCN_KERNELS, "bn_apply_kernel", "bn_backward_apply_kernel"])
+    x, offset_mask, weight, bias, grad, params = worker.dcn_block_inputs()
+    x, offset_mask, weight, bias = (t.double().requires_grad_(True) for t in (x, offset_mask, weight, bias))
+    bn_weight, bn_bias, running_mean, running_var, tracked = _reference_bn_params(params)
+    y = torchvision.ops.deform_conv2d(x, offset_mask[:, :18], weight, bias, padding=1,
+                                      mask=torch.sigmoid(offset_mask[:, 18:]))
+    out = batchnorm_act_reference(y, bn_weight, bn_bias, running_mean, running_var, tracked, True, momentum, 1e-5)
+    out.backward(grad.double())
+    assert_close(_cat(results, "out"), out, 1e-5, "output")
+    for key, ref in (("grad_x", x.grad), ("grad_offset_mask", offset_mask.grad)):
+        assert_close(_cat(results, key), ref, 1e-4, key)
+    refs = dict(grad_conv=weight.grad, grad_conv_bias=bias.grad, grad_weight=bn_weight.grad, grad_bias=bn_bias.grad)
+    scale = max(g.abs().max().item() for g in refs.values())
+    for key, ref in refs.items():
+        _check_vanishing_or_close(_summed(results, key), ref, scale, f"{key} summed over the ranks")
+    _check_running(results, running_mean, running_var, tracked)
+
+
+@pytest.mark.parametrize("case", ["before", "after", "torch"])
+def test_dcn_modules_with_sync_batchnorm_equal_one_process(runs, case):
+    """CenterNet's DCN block and a deformable IDA step converted to SyncBatchNorm before / after accelerate(): a
+    training step over 2 gloo ranks (local batches 3 and 1) runs the fused DCN kernels for all three deformable
+    convs (backend torch: none, the eager synchronized reference) and equals one process on the whole batch with
+    plain BatchNorm2d (fp64 eager modules): outputs, gradients summed over the ranks, running statistics; then
+    eval runs folded (one deformable-conv kernel each, no BatchNorm pass), and restore() gives the SyncBatchNorms
+    back."""
+    pytest.importorskip("torchvision")
+    results = [r[f"modules_{case}"] for r in runs["dcn"]]
+    ref = worker.build_dcn_modules().double().train()
+    x, coarse, grad = worker.dcn_modules_inputs()
+    x, coarse = x.double().requires_grad_(True), coarse.double()
+    out = worker.dcn_modules_forward(ref, x, coarse)
+    out.backward(grad.double())
+    assert_close(_cat(results, "out"), out, 1e-5, "training output")
+    assert_close(_cat(results, "grad_x"), x.grad, 1e-4, "grad of the input")
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        _check_vanishing_or_close(sum(r["grads"][n] for r in results), g, scale, f"grad of {n} summed over ranks")
+    for n, b in ref.named_buffers():
+        for rank, r in enumerate(results):
+            if b.dtype.is_floating_point:
+                assert_close(r["buffers"][n], b, 1e-5, f"{n} on rank {rank}")
+            else:
+                assert int(r["buffers"][n]) == int(b), f"{n} on rank {rank}"
+    ref.eval()
+    with torch.no_grad():
+        assert_close(_cat(results, "eval_out"), worker.dcn_modules_forward(ref, x, coarse), 1e-5, "eval output")
+    syncs = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
+    for rank, r in enumerate(results):
+        assert r["fused"] == ("FusedDCNBlock", "FusedIDAUpAdd"), f"rank {rank}: {r['fused']}"
+        assert r["restored"] == syncs, f"rank {rank}: restore() gives back {r['restored']} SyncBatchNorms"
+        if case == "torch":
+            assert r["train_kernels"] == {} and r["eval_kernels"] == {}, f"rank {rank} launched kernels"
+            continue
+        for kernel in DCN_KERNELS:  # the block, the IDA step's proj_1 and node_1
+            assert r["train_kernels"].get(kernel) == 3, f"rank {rank}, training: {r['train_kernels']}"
+        assert r["eval_kernels"].get(DCN_KERNELS[0]) == 3 and "bn_apply_kernel" not in r["eval_kernels"], \
+            f"rank {rank}, eval: {r['eval_kernels']}"
+
+
 def test_mismatched_channel_counts_raise_on_every_rank(runs):
     for rank, r in enumerate(runs["mismatched_channels"]):
         assert r["error"] is not None and "different numbers of channels" in r["error"], f"rank {rank}: {r}"

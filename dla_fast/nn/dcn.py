@@ -7,12 +7,16 @@
   in eval mode without gradients with the BatchNorm folded into the deformable conv's weight and bias and the
   ReLU in the kernel's epilogue (one kernel writes the block's output); otherwise (training, or gradients
   wanted) the conv's epilogue reduces the batch statistics, one BN + ReLU pass follows, and the backward runs
-  through all of it. Backend 'torch' (and 'auto' on CPU tensors) runs the replaced module itself.
+  through all of it. An nn.SyncBatchNorm (converted before or after accelerate()) runs the same fused block with
+  its statistics synchronized over its process group in training (dla_fast.ops.sync_stats), and folded like a
+  BatchNorm2d in eval. Backend 'torch' (and 'auto' on CPU tensors) runs the replaced module itself (a
+  SyncBatchNorm in training: the block's eager synchronized reference, which unlike nn.SyncBatchNorm also runs
+  on CPU tensors in a process group).
 - `FusedDeformConv2d` replaces a torchvision.ops.DeformConv2d: same parameters, forward(input, offset, mask)
   on dla_fast.ops.deform_conv.deform_conv2d.
-- `FoldedDCN` is the folded-weight cache of one (ModulatedDeformConv3x3, BatchNorm2d) pair (FoldedConvBN's cache:
-  one entry per dtype, refolded when a parameter or running statistic changes); FusedIDAUpAdd uses it and
-  `deform_conv_bn_relu` for its deformable proj/node steps.
+- `FoldedDCN` is the folded-weight cache of one (ModulatedDeformConv3x3, BatchNorm2d or SyncBatchNorm) pair
+  (FoldedConvBN's cache: one entry per dtype, refolded when a parameter or running statistic changes);
+  FusedIDAUpAdd uses it and `deform_conv_bn_relu` for its deformable proj/node steps.
 """
 from __future__ import annotations
 
@@ -23,11 +27,10 @@ import torch.nn as nn
 
 from .. import backend
 from ..models.centernet import IDAConv, ModulatedDeformConv3x3
-from ..ops.batchnorm_act import batchnorm_act
 from ..ops.conv_bn_act import compute_dtype
 from ..ops import deform_conv
 from ..ops.deform_conv.block import OP_NAME, dcn_block, dcn_block_inference
-from .batchnorm import sync_args
+from .batchnorm import batchnorm_unsupported, sync_args
 from .folded import FoldedConvBN, fold_applies
 
 _PADDING = (1, 1)  # ModulatedDeformConv3x3: 3x3 taps, stride 1, padding 1, dilation 1
@@ -42,22 +45,22 @@ def dcn_unsupported(conv: nn.Module, bn: nn.Module) -> str:
     if (type(om) is not nn.Conv2d or om.out_channels != 3 * taps or om.groups != 1 or om.padding_mode != "zeros"
             or om.kernel_size != (3, 3) or om.stride != (1, 1) or om.padding != _PADDING or om.dilation != (1, 1)):
         return "its conv_offset_mask is not a plain 3x3 nn.Conv2d (stride 1, padding 1) with 27 outputs"
-    if type(bn) is not nn.BatchNorm2d and (not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not
-                                            nn.BatchNorm2d.forward):
-        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
+    reason = batchnorm_unsupported(bn)
+    if reason:
+        return reason
     if bn.running_mean is None or bn.running_var is None:
-        return "BatchNorm2d without running statistics"
+        return f"{type(bn).__name__} without running statistics"
     if bn.num_features != conv.weight.shape[0]:
         return f"the conv has {conv.weight.shape[0]} output channels, BatchNorm {bn.num_features}"
     return ""
 
 
 class FoldedDCN(FoldedConvBN):
-    """One (ModulatedDeformConv3x3, BatchNorm2d) pair: calling it runs the block in inference, BatchNorm folded
-    (fp32 fold, cached per dtype like FoldedConvBN), ReLU in the kernel's epilogue. Not a module: it refers
-    to modules owned by its parent."""
+    """One (ModulatedDeformConv3x3, BatchNorm2d or SyncBatchNorm) pair: calling it runs the block in inference,
+    BatchNorm folded (fp32 fold, cached per dtype like FoldedConvBN), ReLU in the kernel's epilogue. Not a
+    module: it refers to modules owned by its parent."""
 
-    def __init__(self, conv: ModulatedDeformConv3x3, bn: nn.BatchNorm2d):
+    def __init__(self, conv: ModulatedDeformConv3x3, bn: nn.Module):
         # FoldedConvBN's own __init__ takes only plain nn.Conv2d: the pair is checked here instead
         reason = dcn_unsupported(conv, bn)
         if reason:
@@ -71,15 +74,24 @@ class FoldedDCN(FoldedConvBN):
         return dcn_block_inference(x, offset_mask, weight, bias, padding=_PADDING)
 
 
-def deform_conv_bn_relu(conv: ModulatedDeformConv3x3, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+def _synchronized(bn: nn.Module) -> bool:
+    """Whether `bn` is a SyncBatchNorm in training: then the block always runs dcn_block's synchronized path, whose
+    backend 'torch' is the eager synchronized reference (nn.SyncBatchNorm itself refuses CPU tensors in a
+    process group), as dla_fast.nn.folded does for the blocks."""
+    return isinstance(bn, nn.SyncBatchNorm) and bn.training
+
+
+def deform_conv_bn_relu(conv: ModulatedDeformConv3x3, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """relu(bn(conv(x))) through the fused block with autograd (training, or gradients wanted): the offset-mask
-    conv, then one deformable-conv kernel with the batch statistics in its epilogue and one BN + ReLU pass.
-    Backend 'torch' (and 'auto' on CPU tensors): the modules themselves."""
-    if backend.resolve(x.device, OP_NAME) == "torch":
+    conv, then one deformable-conv kernel with the batch statistics in its epilogue and one BN + ReLU pass;
+    bn an nn.BatchNorm2d or an nn.SyncBatchNorm (statistics synchronized over its process group in training).
+    Backend 'torch' (and 'auto' on CPU tensors): the modules themselves, except a SyncBatchNorm in training
+    (see `_synchronized`)."""
+    if backend.resolve(x.device, OP_NAME) == "torch" and not _synchronized(bn):
         return torch.relu(bn(conv(x)))
     offset_mask = conv.conv_offset_mask(x)
     return dcn_block(x, offset_mask, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                     bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, padding=_PADDING)
+                     bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, padding=_PADDING, **sync_args(bn))
 
 
 class FusedDCNBlock(nn.Module):
@@ -102,7 +114,8 @@ class FusedDCNBlock(nn.Module):
 
     def _pair(self):
         """The FoldedDCN of the children as they are now (rebuilt when one was replaced, e.g. by
-        convert_sync_batchnorm after accelerate), or None when they cannot run fused (a SyncBatchNorm)."""
+        convert_sync_batchnorm after accelerate), or None when they can no longer run fused (e.g. a
+        normalization replaced by one that is no BatchNorm)."""
         conv, bn = self.conv, self.actf[0]
         fold = self.__dict__["_fold"]
         if fold is None or fold.conv is not conv or fold.bn is not bn:
@@ -137,17 +150,16 @@ class FusedDCNBlock(nn.Module):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if backend.resolve(x.device, OP_NAME) == "torch":
+        bn = self.actf[0]
+        if backend.resolve(x.device, OP_NAME) == "torch" and not _synchronized(bn):
             return self.original(x)
         fold = self._pair()
-        if fold is None:  # a SyncBatchNorm: the deformable conv as it is, then the synchronized fused BN + ReLU
-            bn = self.actf[0]
-            return batchnorm_act(self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                 bn.num_batches_tracked, bn.training, bn.momentum, bn.eps, relu=True,
-                                 **sync_args(bn))
+        if fold is None:
+            raise ValueError(f"FusedDCNBlock: its children were replaced by ones it cannot run fused "
+                             f"({dcn_unsupported(self.conv, bn)}); restore() the model first")
         if fold_applies(self, [fold], x):
             return fold(x)
-        return deform_conv_bn_relu(self.conv, self.actf[0], x)
+        return deform_conv_bn_relu(self.conv, bn, x)
 
 
 def is_torchvision_deform_conv(module: nn.Module) -> bool:

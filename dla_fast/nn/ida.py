@@ -11,9 +11,9 @@ and runs the same computation through the fused ops:
 - in eval mode without gradients, every conv + BN + ReLU instead runs as one convolution with the BatchNorm
   folded in (dla_fast.nn.folded: one fused cuDNN call on CUDA; a deformable conv: one kernel, ReLU in its
   epilogue);
-- an nn.SyncBatchNorm synchronizes its statistics through the fused ops (sync / process_group), also when
-  the model was converted with convert_sync_batchnorm after accelerate() (the folded pairs follow the
-  submodules as they are now).
+- an nn.SyncBatchNorm synchronizes its statistics through the fused ops (sync / process_group), the fused
+  DCN block of the deformable steps included, also when the model was converted with convert_sync_batchnorm
+  after accelerate() (the folded pairs follow the submodules as they are now).
 """
 from __future__ import annotations
 

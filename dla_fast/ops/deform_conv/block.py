@@ -22,6 +22,12 @@ offset-mask mode: the offset and mask tensors are never materialised).
   bias. The gradient reaching om flows on through the offset-mask conv by ordinary autograd.
 - BatchNorm in eval mode while gradients are wanted: the same Function, normalizing with the running
   statistics (constant), so the gradients of every parameter are exact.
+- SyncBatchNorm (`sync=True`, its `process_group`; dla_fast.ops.sync_stats): in training in an initialized process
+  group of more than one rank, the same Function merges the epilogue's local mean and variance over the group
+  (`merge_batch_stats`; an empty local batch counts 0) before the normalize pass, updates the running statistics
+  with the global count, and all-reduces the backward's two per-channel sums before the input-gradient pass (the
+  BatchNorm's weight and bias gradients stay local, as nn.SyncBatchNorm). Eager under torch.compile (the
+  collectives are not traced); backend 'torch': the deformable conv's reference, `sync_batch_norm_reference`, ReLU.
 
 `dcn_block_reference` is the eager computation all of this must equal. Activations may be NCHW or
 channels_last (the fast path); fp32, fp16 or bf16 with fp32 accumulation and fp32 statistics.
@@ -33,6 +39,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ... import backend
+from .. import sync_stats
 from ..batchnorm_act import batchnorm_act, batchnorm_act_reference, bn_apply, bn_backward_apply, bn_backward_reduce
 from ..common import channels_last, check_channel_vectors, empty_channels_last, fp32_vector, rows_view
 from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
@@ -107,21 +114,33 @@ class _DCNBlockFunction(torch.autograd.Function):
     """relu(batch_norm(deform_conv2d(x, split(om), weight, bias))) with exact gradients of x, om, weight, bias and
     the BatchNorm's weight and bias. use_batch_stats: normalize with the batch's statistics (reduced in the
     conv's epilogue) and update `running` = (running_mean, running_var, num_batches_tracked, momentum) or None;
-    otherwise with the running statistics."""
+    otherwise with the running statistics. group: None, or the process group a SyncBatchNorm synchronizes over
+    (use_batch_stats only): the statistics are merged over it, running statistics updated with the global count,
+    and the backward's sums for the input gradient all-reduced over it."""
 
     @staticmethod
     def forward(ctx, x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var, geometry,
-                use_batch_stats, eps, running, bn_impl):
+                use_batch_stats, eps, running, bn_impl, group=None):
         x, offset_mask = channels_last(x), channels_last(offset_mask)
         shape = _out_shape(x, weight, geometry)
         count = shape[0] * shape[2] * shape[3]
+        ctx.sync = None
         if use_batch_stats:
             if count == 0:
                 y = empty_channels_last(shape, x.dtype, x.device)
                 mean = var = x.new_zeros(shape[1], dtype=torch.float32)
             else:
                 y, mean, var = _conv_forward(x, offset_mask, weight, bias, geometry, relu=False, stats=True)
-            if running is not None:
+            if group is not None:
+                mean, var, total = sync_stats.merge_batch_stats(mean, var, count, group)
+                ctx.sync = (group, total)
+                if running is not None:
+                    running_mean, running_var, num_batches_tracked, momentum = running
+                    if num_batches_tracked is not None:
+                        num_batches_tracked.add_(1)
+                    sync_stats.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean,
+                                                    var, total)
+            elif running is not None:
                 update_running_stats(*running, mean, var, count)
         else:
             y, _, _ = _conv_forward(x, offset_mask, weight, bias, geometry, relu=False, stats=False)
@@ -144,15 +163,17 @@ class _DCNBlockFunction(torch.autograd.Function):
         grads = (None, None, None, None)
         if need_x or need_om or need_w or need_b:
             grad_y = empty_channels_last(y.shape, y.dtype, y.device)
-            batch = ctx.use_batch_stats
+            batch_sums = (sum_g, sum_g_xhat) if ctx.use_batch_stats else (None, None)
+            if ctx.sync is not None:  # the weight and bias gradients below stay this rank's
+                batch_sums = sync_stats.all_reduce_grad_sums(sum_g, sum_g_xhat, ctx.sync[0], y2d.shape[0],
+                                                             ctx.sync[1])
             bn_backward_apply(grad_out2d, out2d, y2d, mean, var, fp32_vector(bn_weight), ctx.eps, True,
-                              sum_g if batch else None, sum_g_xhat if batch else None, impl=ctx.bn_impl,
-                              out=(rows_view(grad_y), None))
+                              *batch_sums, impl=ctx.bn_impl, out=(rows_view(grad_y), None))
             grads = _conv_backward(grad_y, x, offset_mask, weight, ctx.geometry,
                                    (need_x, need_om, need_w, need_b))
         grad_bn_w = sum_g_xhat.to(bn_weight.dtype) if need_bn_w else None
         grad_bn_b = sum_g.to(ctx.bn_bias_dtype) if need_bn_b else None
-        return (*grads, grad_bn_w, grad_bn_b, None, None, None, None, None, None, None)
+        return (*grads, grad_bn_w, grad_bn_b, None, None, None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -199,7 +220,8 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
               bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
               running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor] = None,
               training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
-              stride: Sequence[int] = 1, padding: Sequence[int] = 1, dilation: Sequence[int] = 1) -> torch.Tensor:
+              stride: Sequence[int] = 1, padding: Sequence[int] = 1, dilation: Sequence[int] = 1,
+              sync: bool = False, process_group=None) -> torch.Tensor:
     """relu(BatchNorm2d(deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask))) with autograd,
     offset = offset_mask[:, :2K], mask = sigmoid(offset_mask[:, 2K:]) (K = kh*kw), nn.BatchNorm2d semantics.
 
@@ -210,22 +232,32 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
     on CPU tensors, and fp64) runs `dcn_block_reference`; otherwise the deformable conv runs in the op's Triton
     kernels and the BatchNorm steps in the `batchnorm_act` building blocks. Under torch.compile the block is
     traced as the op's deform_conv2d custom op (split and sigmoid left to inductor) then `batchnorm_act`.
+    sync, process_group: nn.SyncBatchNorm's semantics (sync=True for one; process_group None is the whole
+    world): in training in an initialized process group of more than one rank, the batch statistics and the
+    backward's reductions are synchronized over the group (dla_fast.ops.sync_stats; eager under torch.compile),
+    otherwise plain BatchNorm.
     """
     geometry = _geometry(stride, padding, dilation)
     check_inputs(x, offset_mask, weight, bias, geometry, bn_weight=bn_weight, bn_bias=bn_bias,
                  running_mean=running_mean, running_var=running_var)
+    group = sync_stats.sync_group(sync, process_group, training)
     shape = _out_shape(x, weight, geometry)
     check_batchnorm_args(OP_NAME, _compute_dtype(x), shape[1], shape[0] * shape[2] * shape[3], x.device,
                          weight=bn_weight, bias=bn_bias, running_mean=running_mean, running_var=running_var,
-                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps)
+                         num_batches_tracked=num_batches_tracked, training=training, momentum=momentum, eps=eps,
+                         synchronized=group is not None)
     impl = backend.resolve(x.device, OP_NAME)
     dtype = _compute_dtype(x)
-    if impl == "torch" or (dtype not in SUPPORTED_DTYPES and backend.get_backend() == "auto"):
-        return dcn_block_reference(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps, *geometry)
-    if dtype not in SUPPORTED_DTYPES:
+    reference = impl == "torch" or (dtype not in SUPPORTED_DTYPES and backend.get_backend() == "auto")
+    if not reference and dtype not in SUPPORTED_DTYPES:
         raise backend.BackendUnavailable(f"{OP_NAME}: the {impl} kernels take {', '.join(map(str, SUPPORTED_DTYPES))};"
                                          f" got {dtype}")
+    if group is not None:
+        return _dcn_block_synchronized(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                       num_batches_tracked, momentum, eps, geometry, group, reference, dtype)
+    if reference:
+        return dcn_block_reference(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                   num_batches_tracked, training, momentum, eps, *geometry)
     use_batch_stats = uses_batch_stats(training, running_mean, running_var)
     running = None
     if training and running_mean is not None:
@@ -239,6 +271,26 @@ def dcn_block(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, 
     bn_impl = backend.resolve(x.device, "batchnorm_act")
     return _DCNBlockFunction.apply(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                                    geometry, use_batch_stats, eps, running, bn_impl)
+
+
+@torch.compiler.disable
+def _dcn_block_synchronized(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                            num_batches_tracked, momentum, eps, geometry, group, reference: bool,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """dcn_block in training with the BatchNorm's statistics synchronized over `group` (eager even under
+    torch.compile: the collectives are not traced). reference: the deformable conv's eager reference, then
+    sync_stats.sync_batch_norm_reference and ReLU; otherwise _DCNBlockFunction over the group, computing in
+    `dtype` (the autocast dtype)."""
+    if reference:
+        offset, mask = split_offset_mask(offset_mask, weight.shape[2] * weight.shape[3])
+        y = deform_conv2d_reference(x, offset, weight, bias, *geometry, mask)
+        return torch.relu(sync_stats.sync_batch_norm_reference(y, bn_weight, bn_bias, running_mean, running_var,
+                                                               num_batches_tracked, momentum, eps, group))
+    running = None if running_mean is None else (running_mean, running_var, num_batches_tracked, momentum)
+    x, offset_mask, weight, bias = (_cast(t, dtype) for t in (x, offset_mask, weight, bias))
+    bn_impl = backend.resolve(x.device, "batchnorm_act")
+    return _DCNBlockFunction.apply(x, offset_mask, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                   geometry, True, eps, running, bn_impl, group)
 
 
 def dcn_block_inference(x: torch.Tensor, offset_mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
