@@ -32,12 +32,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import backend
-from ._triton import tl, triton
-from .batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
-from . import sync_stats
-from .common import cached_derived, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
-from .running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
+from ... import backend
+from .._triton import tl, triton
+from ..batchnorm_act import fold_running_stats, bn_apply, bn_backward_reduce
+from .. import sync_stats
+from ..common import cached_derived, device_guard, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 
 MAX_CHILDREN = 8  # pointer slots of the kernels; DLA-169's deepest roots have 7 children
 CHILD_SLOTS = tl.constexpr(MAX_CHILDREN)
@@ -883,7 +883,7 @@ def kernel_configurations() -> list:
     options from `_launch_options`, both fp32 dot precisions, every child count, residual, mode, dy read or
     recomputed, and running-statistics dtype. 16-bit tiles with at least 64 rows (wgmma's smallest M) must use
     wgmma."""
-    from .aot import make_config, triton_type
+    from ..aot import make_config, triton_type
     cuda = torch.device("cuda")
     configs = []
     precisions = {torch.float32: ("tf32", "ieee"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}

@@ -38,12 +38,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import backend
-from ._triton import tl, triton
-from .common import (channels_last, device_guard, empty_channels_last, extension_ops,
+from ... import backend
+from .._triton import tl, triton
+from ..common import (channels_last, device_guard, empty_channels_last, extension_ops,
                      fp32_vector, num_sms, rows_view)
-from . import sync_stats
-from .running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
+from .. import sync_stats
+from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 
 OP_NAME = "batchnorm_act"
 IMPLS = ("torch", "triton", "cuda")
@@ -923,7 +923,7 @@ def kernel_configurations() -> list:
     `_tile_shape` (every channel count up to MAX_BLOCK_C), merge widths BLOCK_P up to MAX_BLOCK_PARTIALS, the
     running-statistics update's BLOCK_C up to 1024, every flag, activation and running-statistics dtype; the
     launchers pass no num_warps / num_stages (Triton's defaults, 4 and 3)."""
-    from .aot import make_config, triton_type
+    from ..aot import make_config, triton_type
     tiles = sorted({_tile_shape(c) for c in (1, 2, 3, 5, 9, 17, 33, 65)})
     block_ps = sorted({min(triton.next_power_of_2(p), MAX_BLOCK_PARTIALS) for p in (1, 2, 3, 5, 9, 17, 33, 65)})
     f32 = "*fp32"
