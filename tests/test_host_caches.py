@@ -5,6 +5,7 @@ import torch
 
 import dla_fast
 from dla_fast.ops import aggregate as agg
+from dla_fast.ops.aggregate import launch as aggregate_launch
 from dla_fast.ops.common import cached_derived
 
 
@@ -59,4 +60,4 @@ def test_aggregate_sees_in_place_weight_updates_with_a_cached_cast():
                 False)).double() - reference()).abs().max().item()
             assert (out.double() - reference()).abs().max().item() <= 2 * eager_error, f"step {step}"
             weight.mul_(-1.5)
-        assert agg._weight_rows(weight, torch.float16) is agg._weight_rows(weight, torch.float16)
+        assert aggregate_launch._weight_rows(weight, torch.float16) is aggregate_launch._weight_rows(weight, torch.float16)
