@@ -8,10 +8,9 @@ from typing import Sequence, Tuple
 import torch
 
 from ... import backend
-from .._triton import triton
 from ..batchnorm_act import bn_apply, bn_backward_reduce
 from .. import sync_stats
-from ..common import cached_derived, empty_channels_last, nhwc_rows, num_sms, rows_view
+from ..common import cached_derived, cdiv, empty_channels_last, next_power_of_2, nhwc_rows, num_sms, rows_view
 from .kernels import (MAX_CHILDREN, aggregate_dy_kernel, aggregate_fwd_kernel, aggregate_grad_input_kernel,
                       aggregate_grad_weight_kernel, aggregate_stats_group_kernel, aggregate_stats_merge_kernel)
 
@@ -20,7 +19,7 @@ from .kernels import (MAX_CHILDREN, aggregate_dy_kernel, aggregate_fwd_kernel, a
 # Launchers
 # --------------------------------------------------------------------------------------------------------
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_power_of_2(max(int(n), 1))))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -77,7 +76,7 @@ STATS_MAX_BLOCK_T = 256
 def _stats_merge_shape(tiles: int, tile_rows: int) -> dict:
     """How the statistics of `tiles` row tiles of `tile_rows` rows are merged: groups (1: one level), and the
     final merge's tile count, rows per merged tile (constexpr TILE_ROWS) and BLOCK_T."""
-    groups = triton.cdiv(tiles, STATS_GROUP_TILES) if tiles > STATS_GROUP_TILES else 1
+    groups = cdiv(tiles, STATS_GROUP_TILES) if tiles > STATS_GROUP_TILES else 1
     merged_tiles, merged_rows = (groups, tile_rows * STATS_GROUP_TILES) if groups > 1 else (tiles, tile_rows)
     return dict(groups=groups, merged_tiles=merged_tiles, tile_rows=merged_rows,
                 block_t=_pow2_clamp(merged_tiles, 16, STATS_MAX_BLOCK_T))
@@ -156,12 +155,12 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
 
     scratch = _scratch(device)
     block_m, block_n, block_k = _tile_sizes("fwd", m, cout, dtype, device)
-    tiles_m = triton.cdiv(m, block_m)
+    tiles_m = cdiv(m, block_m)
     ptrs, counts = _pad_children(rows)
     if batch_stats:
         part_sum = torch.empty((tiles_m, cout), **f32)
         part_m2 = torch.empty((tiles_m, cout), **f32)
-    aggregate_fwd_kernel[(tiles_m, triton.cdiv(cout, block_n))](
+    aggregate_fwd_kernel[(tiles_m, cdiv(cout, block_n))](
         *ptrs, *counts, w2d, w2d.stride(0), out_rows, y_rows if store_preact else scratch,
         part_sum if batch_stats else scratch, part_m2 if batch_stats else scratch,
         scratch if batch_stats else mean, scratch if batch_stats else var, bn_weight, bn_bias, m, cout, eps,
@@ -178,11 +177,11 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     if merge["groups"] > 1:  # two levels: groups of tiles in parallel, then the groups
         group_sum = torch.empty((merge["groups"], cout), **f32)
         group_m2 = torch.empty((merge["groups"], cout), **f32)
-        aggregate_stats_group_kernel[(merge["groups"], triton.cdiv(cout, STATS_BLOCK_C))](
+        aggregate_stats_group_kernel[(merge["groups"], cdiv(cout, STATS_BLOCK_C))](
             part_sum, part_m2, group_sum, group_m2, m, cout, tiles_m, TILE_ROWS=block_m,
             GROUP_TILES=STATS_GROUP_TILES, BLOCK_C=STATS_BLOCK_C)
         part_sum, part_m2 = group_sum, group_m2
-    aggregate_stats_merge_kernel[(triton.cdiv(cout, STATS_BLOCK_C),)](
+    aggregate_stats_merge_kernel[(cdiv(cout, STATS_BLOCK_C),)](
         part_sum, part_m2, batch_mean, batch_var, running_mean, running_var,
         scratch if num_batches is None else num_batches, 0.0 if momentum is None else momentum, m, cout,
         merge["merged_tiles"], TILE_ROWS=merge["tile_rows"], UPDATE_RUNNING=running is not None,
@@ -224,14 +223,14 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
     grad_ptrs, _ = _pad_children(grad_rows)
 
     block_m, block_c, block_co = _tile_sizes("grad_input", m, cout, dtype, device)
-    col_tiles = sum(triton.cdiv(c, block_c) for c in counts if c)
+    col_tiles = sum(cdiv(c, block_c) for c in counts if c)
     dy_ready = materialise_dy(col_tiles)
     if dy_ready:  # one pass writes dy, instead of every column tile recomputing it
         dy_block_m, dy_block_co = _dy_tile_shape(cout)
-        aggregate_dy_kernel[(triton.cdiv(m, dy_block_m), triton.cdiv(cout, dy_block_co))](
+        aggregate_dy_kernel[(cdiv(m, dy_block_m), cdiv(cout, dy_block_co))](
             g_rows, out_rows, y_rows, dy_rows, input_sum_g, input_sum_gx, mean, var, bn_weight, m, cout, eps,
             BATCH_STATS=batch_stats, BLOCK_M=dy_block_m, BLOCK_CO=dy_block_co)
-    aggregate_grad_input_kernel[(triton.cdiv(m, block_m), col_tiles)](
+    aggregate_grad_input_kernel[(cdiv(m, block_m), col_tiles)](
         *grad_ptrs, *counts, g_rows, out_rows, y_rows, dy_rows, input_sum_g, input_sum_gx, mean, var, bn_weight,
         w2d, w2d.stride(0), m, cout, eps,
         NUM_CHILDREN=len(children), RESIDUAL=residual, BATCH_STATS=batch_stats,
@@ -239,13 +238,13 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
         **_launch_options(block_m * block_c, device))
 
     block_wco, block_wc, block_wm = _tile_sizes("grad_weight", m, cout, dtype, device)
-    wcol_tiles = sum(triton.cdiv(c, block_wc) for c in counts if c)
-    tiles = triton.cdiv(cout, block_wco) * wcol_tiles
-    splits = max(1, min(triton.cdiv(4 * num_sms(device), tiles), triton.cdiv(m, 8 * block_wm)))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_wm) * block_wm
-    splits = triton.cdiv(m, rows_per_split)
+    wcol_tiles = sum(cdiv(c, block_wc) for c in counts if c)
+    tiles = cdiv(cout, block_wco) * wcol_tiles
+    splits = max(1, min(cdiv(4 * num_sms(device), tiles), cdiv(m, 8 * block_wm)))
+    rows_per_split = cdiv(cdiv(m, splits), block_wm) * block_wm
+    splits = cdiv(m, rows_per_split)
     partial = torch.empty((splits, cout, k_total), dtype=torch.float32, device=device)
-    aggregate_grad_weight_kernel[(triton.cdiv(cout, block_wco), wcol_tiles, splits)](
+    aggregate_grad_weight_kernel[(cdiv(cout, block_wco), wcol_tiles, splits)](
         *ptrs, *counts, dy_rows, partial, m, cout, k_total, rows_per_split,
         NUM_CHILDREN=len(children), BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
         DOT_PRECISION=precision, **_launch_options(block_wco * block_wc, device))

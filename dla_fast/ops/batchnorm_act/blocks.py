@@ -8,8 +8,7 @@ from typing import Optional
 import torch
 
 from ... import backend
-from .._triton import triton
-from ..common import device_guard, extension_ops, num_sms
+from ..common import cdiv, device_guard, extension_ops, next_power_of_2, num_sms
 from ..running_stats import update_running_stats
 from .kernels import (bn_apply_kernel, bn_backward_apply_kernel, bn_backward_reduce_merge_kernel,
                       bn_backward_reduce_partial_kernel, channel_stats_merge_kernel, channel_stats_partial_kernel,
@@ -240,7 +239,7 @@ def _update_running_stats(mean, var, count, running) -> None:
             mean, var, running_mean, running_var, mean if num_batches_tracked is None else num_batches_tracked,
             0.0 if momentum is None else momentum, count / (count - 1), channels,
             COUNT_BATCH=num_batches_tracked is not None, CUMULATIVE=momentum is None,
-            BLOCK_C=min(triton.next_power_of_2(channels), 1024))
+            BLOCK_C=min(next_power_of_2(channels), 1024))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ def _update_running_stats(mean, var, count, running) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 def _tile_shape(channels: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
+    block_c = min(next_power_of_2(channels), MAX_BLOCK_C)
     return TILE_ELEMENTS // block_c, block_c
 
 
@@ -260,8 +259,8 @@ def _rows_per_program(rows: int, block_m: int, channel_blocks: int, device: torc
     else:
         programs = INTERPRETER_PROGRAMS
     row_programs = max(1, programs // channel_blocks)
-    tiles = triton.cdiv(rows, block_m)
-    return block_m * triton.cdiv(tiles, min(tiles, row_programs))
+    tiles = cdiv(rows, block_m)
+    return block_m * cdiv(tiles, min(tiles, row_programs))
 
 
 def _channel_stats_triton(y2d, mean, var, running=None):
@@ -269,9 +268,9 @@ def _channel_stats_triton(y2d, mean, var, running=None):
     in place by the two kernels (see _channel_stats_impl)."""
     rows, channels = y2d.shape
     block_m, block_c = _tile_shape(channels)
-    channel_blocks = triton.cdiv(channels, block_c)
+    channel_blocks = cdiv(channels, block_c)
     rows_per_program = _rows_per_program(rows, block_m, channel_blocks, y2d.device)
-    num_partials = triton.cdiv(rows, rows_per_program)
+    num_partials = cdiv(rows, rows_per_program)
     partial_mean = y2d.new_empty((num_partials, channels), dtype=torch.float32)
     partial_m2 = y2d.new_empty((num_partials, channels), dtype=torch.float32)
     # Pointers a variant does not read get `mean` (an empty CUDA tensor's null pointer is refused).
@@ -286,13 +285,13 @@ def _channel_stats_triton(y2d, mean, var, running=None):
             y2d, partial_mean, partial_m2, mean, var, running_mean, running_var, num_batches,
             0.0 if momentum is None else momentum, rows, channels, num_partials, rows_per_program,
             UPDATE_RUNNING=running is not None, CUMULATIVE=momentum is None,
-            BLOCK_P=min(triton.next_power_of_2(num_partials), MAX_BLOCK_PARTIALS), BLOCK_C=block_c)
+            BLOCK_P=min(next_power_of_2(num_partials), MAX_BLOCK_PARTIALS), BLOCK_C=block_c)
 
 
 def _bn_apply_triton(y2d, mean, var, weight, bias, eps, residual2d, relu, out):
     rows, channels = y2d.shape
     block_m, block_c = _tile_shape(channels)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_c))
+    grid = (cdiv(rows, block_m), cdiv(channels, block_c))
     with device_guard(y2d):
         bn_apply_kernel[grid](
             y2d, residual2d if residual2d is not None else y2d, out, mean, var,
@@ -304,9 +303,9 @@ def _bn_apply_triton(y2d, mean, var, weight, bias, eps, residual2d, relu, out):
 def _bn_backward_reduce_triton(grad_out2d, out2d, y2d, mean, var, eps, sum_g, sum_g_xhat):
     rows, channels = y2d.shape
     block_m, block_c = _tile_shape(channels)
-    channel_blocks = triton.cdiv(channels, block_c)
+    channel_blocks = cdiv(channels, block_c)
     rows_per_program = _rows_per_program(rows, block_m, channel_blocks, y2d.device)
-    num_partials = triton.cdiv(rows, rows_per_program)
+    num_partials = cdiv(rows, rows_per_program)
     partial_g = y2d.new_empty((num_partials, channels), dtype=torch.float32)
     partial_gc = y2d.new_empty((num_partials, channels), dtype=torch.float32)
     with device_guard(y2d):
@@ -315,14 +314,14 @@ def _bn_backward_reduce_triton(grad_out2d, out2d, y2d, mean, var, eps, sum_g, su
             channels, rows_per_program, RELU=out2d is not None, BLOCK_M=block_m, BLOCK_C=block_c)
         bn_backward_reduce_merge_kernel[(channel_blocks,)](
             partial_g, partial_gc, var, sum_g, sum_g_xhat, channels, num_partials, eps,
-            BLOCK_P=min(triton.next_power_of_2(num_partials), MAX_BLOCK_PARTIALS), BLOCK_C=block_c)
+            BLOCK_P=min(next_power_of_2(num_partials), MAX_BLOCK_PARTIALS), BLOCK_C=block_c)
 
 
 def _bn_backward_apply_triton(grad_out2d, out2d, y2d, mean, var, weight, sum_g, sum_g_xhat, eps, grad_y,
                               grad_residual):
     rows, channels = y2d.shape
     block_m, block_c = _tile_shape(channels)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_c))
+    grid = (cdiv(rows, block_m), cdiv(channels, block_c))
     with device_guard(y2d):
         bn_backward_apply_kernel[grid](
             grad_out2d, out2d if out2d is not None else grad_out2d, y2d, mean, var,
@@ -344,7 +343,7 @@ def kernel_configurations() -> list:
     launchers pass no num_warps / num_stages (Triton's defaults, 4 and 3)."""
     from ..aot import make_config, triton_type
     tiles = sorted({_tile_shape(c) for c in (1, 2, 3, 5, 9, 17, 33, 65)})
-    block_ps = sorted({min(triton.next_power_of_2(p), MAX_BLOCK_PARTIALS) for p in (1, 2, 3, 5, 9, 17, 33, 65)})
+    block_ps = sorted({min(next_power_of_2(p), MAX_BLOCK_PARTIALS) for p in (1, 2, 3, 5, 9, 17, 33, 65)})
     f32 = "*fp32"
     configs = []
     for dtype in backend.FUSED_DTYPES:
@@ -391,7 +390,7 @@ def kernel_configurations() -> list:
             dict(partial_g_ptr=f32, partial_gc_ptr=f32, var_ptr=f32, sum_g_ptr=f32, sum_g_xhat_ptr=f32, C="i32",
                  num_partials="i32", eps="fp32"),
             dict(BLOCK_P=block_p, BLOCK_C=block_c)))
-    for block_c in sorted({min(triton.next_power_of_2(c), 1024) for c in (1, 3, 5, 9, 17, 33, 65, 129, 257, 513,
+    for block_c in sorted({min(next_power_of_2(c), 1024) for c in (1, 3, 5, 9, 17, 33, 65, 129, 257, 513,
                                                                           1025)}):
         for running, counter, cumulative in _running_variants():
             if running is None:
