@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import dla_fast
-from dla_fast.ops import aggregate as aggregate_module
+from dla_fast.ops.aggregate import launch as aggregate_launch
 from dla_fast.ops.aggregate import aggregate, aggregate_fwd
 
 from helpers import assert_close, poisoned_allocations, rel_err
@@ -18,9 +18,9 @@ def small_tiles(monkeypatch):
     """In the interpreter: tiles smaller than the test shapes, so every loop, mask and multi-tile path of the
     kernels runs. On the GPU the real tile sizes are tested."""
     if DEVICE == "cpu":
-        monkeypatch.setattr(aggregate_module, "TILE_OVERRIDES",
+        monkeypatch.setattr(aggregate_launch, "TILE_OVERRIDES",
                             {"fwd": (32, 16, 16), "grad_input": (32, 16, 16), "grad_weight": (16, 16, 32)})
-        monkeypatch.setattr(aggregate_module, "STATS_GROUP_TILES", 2)  # the two-level statistics merge runs
+        monkeypatch.setattr(aggregate_launch, "STATS_GROUP_TILES", 2)  # the two-level statistics merge runs
 
 
 class EagerNode(nn.Module):

@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from dla_fast import backend
 from dla_fast.ops import batchnorm_act as bna
+from dla_fast.ops.batchnorm_act import blocks as bn_blocks
+from dla_fast.ops.common import rows_view
 
 from helpers import assert_close, randomize_bn, rel_err
 
@@ -109,7 +111,7 @@ def _poisoned(*like):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_building_blocks_match_fp64_formulas(impl, shape):
     c = shape[1]
-    y = bna.rows_view(random_input(shape))
+    y = rows_view(random_input(shape))
     residual, grad_out = torch.randn_like(y), torch.randn_like(y)
     weight, bias = torch.rand(c) + 0.5, torch.randn(c)
     eps = 1e-5
@@ -147,8 +149,8 @@ def test_building_blocks_match_fp64_formulas(impl, shape):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_channel_stats_stable_for_large_mean(impl, monkeypatch):
     # Many reduction programs, merged in several groups (the GPU's regime, at a CPU-sized shape).
-    monkeypatch.setattr(bna, "INTERPRETER_PROGRAMS", 8)
-    monkeypatch.setattr(bna, "MAX_BLOCK_PARTIALS", 4)
+    monkeypatch.setattr(bn_blocks, "INTERPRETER_PROGRAMS", 8)
+    monkeypatch.setattr(bn_blocks, "MAX_BLOCK_PARTIALS", 4)
     rows, channels = 20011, 5
     y = 1e3 + torch.randn(rows, channels) * torch.linspace(0.5, 2.0, channels)
     var64, mean64 = torch.var_mean(y.double(), dim=0, correction=0)
@@ -208,14 +210,14 @@ def test_the_kernels_really_run(impl, monkeypatch):
 
         monkeypatch.setattr(InterpretedFunction, "run", counting_run)
     else:
-        extension_ops = bna.extension_ops()
+        extension_ops = bn_blocks.extension_ops()
 
         class RecordingOps:
             def __getattr__(self, name):
                 launched.append(name)
                 return getattr(extension_ops, name)
 
-        monkeypatch.setattr(bna, "extension_ops", RecordingOps)
+        monkeypatch.setattr(bn_blocks, "extension_ops", RecordingOps)
     shape = (2, 5, 3, 4)
     bn = make_bn(5)
     run_fused(bn, random_input(shape), torch.randn(shape), impl, torch.randn(shape))

@@ -5,6 +5,7 @@ import torch
 
 import dla_fast
 from dla_fast.ops import aggregate as agg
+from dla_fast.ops.aggregate import launch as aggregate_launch
 from dla_fast.ops.common import cached_derived
 
 
@@ -59,4 +60,15 @@ def test_aggregate_sees_in_place_weight_updates_with_a_cached_cast():
                 False)).double() - reference()).abs().max().item()
             assert (out.double() - reference()).abs().max().item() <= 2 * eager_error, f"step {step}"
             weight.mul_(-1.5)
-        assert agg._weight_rows(weight, torch.float16) is agg._weight_rows(weight, torch.float16)
+        assert aggregate_launch._weight_rows(weight, torch.float16) is aggregate_launch._weight_rows(weight, torch.float16)
+
+
+def test_host_launch_arithmetic_equals_tritons():
+    """The launchers' plain-Python cdiv / next_power_of_2 give Triton's answers (its constexpr functions cost
+    ~1.8 us per host call)."""
+    triton = pytest.importorskip("triton")
+    from dla_fast.ops.common import cdiv, next_power_of_2
+    values = [*range(0, 1100), 4095, 4096, 4097, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 40 + 3]
+    assert [next_power_of_2(n) for n in values] == [triton.next_power_of_2(n) for n in values]
+    assert [cdiv(n, d) for n in values for d in (1, 3, 16, 64, 1000)] == \
+        [triton.cdiv(n, d) for n in values for d in (1, 3, 16, 64, 1000)]

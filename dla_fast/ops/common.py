@@ -28,6 +28,18 @@ def nhwc_rows(x: torch.Tensor) -> torch.Tensor:
     return rows_view(channels_last(x))
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints, as `triton.cdiv` gives it, in plain Python for the launchers' host code: since Triton
+    3.5 `triton.cdiv` and `triton.next_power_of_2` are constexpr functions, ~1.8 us per host call (a launcher
+    makes up to a dozen such calls)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, as `triton.next_power_of_2` (0 for n <= 0), in plain Python (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def empty_channels_last(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialized (N, C, H, W) tensor with the strides of a contiguous (N, H, W, C) tensor permuted to
     NCHW, whatever its sizes (also C == 1, H*W == 1, empty). Not a view: an autograd.Function may return it

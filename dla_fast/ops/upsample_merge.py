@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._triton import tl, triton
-from .common import cached_derived, channels_last, device_guard, extension_ops
+from .common import cached_derived, cdiv, channels_last, device_guard, extension_ops, next_power_of_2
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
@@ -68,7 +68,7 @@ def fwd_block_m(block_c: int) -> int:
 def bwd_block_c(c: int, factor: int, dtype: torch.dtype) -> int:
     """BLOCK_C of upsample_merge_bwd_kernel: up to 32 channels; 16 for fp32 at factor >= 16 (its (2f)^2 fp32
     tap sums spill at 32 on sm_90)."""
-    return min(16 if dtype == torch.float32 and factor >= 16 else 32, triton.next_power_of_2(c))
+    return min(16 if dtype == torch.float32 and factor >= 16 else 32, next_power_of_2(c))
 
 
 def upsample_merge_reference(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, factor: int,
@@ -282,10 +282,10 @@ def _triton_forward(low: torch.Tensor, weight_t: torch.Tensor, high: torch.Tenso
     m_out = n * H * W
     if out.numel() == 0:
         return out
-    block_c = min(64, triton.next_power_of_2(max(c, c_high if concat else 1)))
+    block_c = min(64, next_power_of_2(max(c, c_high if concat else 1)))
     block_m = fwd_block_m(block_c)
-    n_high_blocks = triton.cdiv(c_high, block_c) if concat else 0
-    grid = (triton.cdiv(m_out, block_m), n_high_blocks + triton.cdiv(c, block_c))
+    n_high_blocks = cdiv(c_high, block_c) if concat else 0
+    grid = (cdiv(m_out, block_m), n_high_blocks + cdiv(c, block_c))
     with device_guard(low):
         upsample_merge_fwd_kernel[grid](low, weight_t, high, out,
                                         m_out, c, c_high, c_out, H, W, h, w, n_high_blocks,
@@ -305,18 +305,18 @@ def _triton_backward(grad_out: torch.Tensor, channel_offset: int, low: torch.Ten
     m_low = n * h * w
     block_c = bwd_block_c(c, factor, low.dtype)
     block_m = 64
-    n_tiles = triton.cdiv(m_low, block_m)
-    tiles_per_program = max(1, triton.cdiv(n_tiles, MAX_PARTIAL_ROWS))
-    n_programs = triton.cdiv(n_tiles, tiles_per_program)
+    n_tiles = cdiv(m_low, block_m)
+    tiles_per_program = max(1, cdiv(n_tiles, MAX_PARTIAL_ROWS))
+    n_programs = cdiv(n_tiles, tiles_per_program)
     partial = torch.empty((n_programs, taps, c), dtype=torch.float32, device=low.device)
     reduce_block = 256
     with device_guard(low):
         if m_low > 0:
-            upsample_merge_bwd_kernel[(n_programs, triton.cdiv(c, block_c))](
+            upsample_merge_bwd_kernel[(n_programs, cdiv(c, block_c))](
                 grad_out, low, weight_t, grad_low, partial,
                 m_low, c, H, W, h, w, grad_out.shape[1], channel_offset, tiles_per_program,
                 FACTOR=factor, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
-        grad_weight_reduce_kernel[(triton.cdiv(taps * c, reduce_block),)](
+        grad_weight_reduce_kernel[(cdiv(taps * c, reduce_block),)](
             partial, grad_weight, n_programs, c, TAPS=taps, BLOCK=reduce_block, num_warps=4)
     return grad_low, grad_weight
 
@@ -456,7 +456,7 @@ def kernel_configurations() -> list:
     for dtype in backend.FUSED_DTYPES:
         t = "*" + triton_type(dtype)
         for factor in AOT_FACTORS:
-            for block_c in sorted({min(64, triton.next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33, 65)}):
+            for block_c in sorted({min(64, next_power_of_2(c)) for c in (1, 2, 3, 5, 9, 17, 33, 65)}):
                 for concat in (False, True):
                     configs.append(make_config(
                         upsample_merge_fwd_kernel,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-from .._triton import triton
 
 from ..aggregate import aggregate_stats_merge_kernel
-from ..common import empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from ..common import cdiv, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
 from .kernels import deform_conv_fwd_kernel, deform_conv_grad_sample_kernel, deform_conv_grad_weight_kernel
 
 MASK_NONE, MASK_GIVEN, MASK_SIGMOID = 0, 1, 2
@@ -132,11 +131,11 @@ def forward_triton(input: torch.Tensor, offset: torch.Tensor, mask: Optional[tor
         return out, torch.empty(0, **f32), torch.empty(0, **f32)
     scratch = _scratch(device)
     block_m, block_n, block_k = fwd_tiles(geo.cg, geo.cout, dtype)
-    tiles_m = triton.cdiv(geo.m, block_m)
+    tiles_m = cdiv(geo.m, block_m)
     part_sum = torch.empty((tiles_m, geo.cout), **f32) if stats else scratch
     part_m2 = torch.empty((tiles_m, geo.cout), **f32) if stats else scratch
     bias, scale, shift = fp32_vector(bias), fp32_vector(scale), fp32_vector(shift)
-    deform_conv_fwd_kernel[(tiles_m, triton.cdiv(geo.cout, block_n))](
+    deform_conv_fwd_kernel[(tiles_m, cdiv(geo.cout, block_n))](
         nhwc_rows(input), geo.offset, geo.mask_or_offset(), pack_weight(weight, dtype),
         scratch if bias is None else bias, scratch if scale is None else scale, scratch if shift is None else shift,
         rows_view(out), part_sum, part_m2, *geo.sizes(), *geo.offset_mask_strides(), *geo.conv,
@@ -147,7 +146,7 @@ def forward_triton(input: torch.Tensor, offset: torch.Tensor, mask: Optional[tor
         return out, torch.empty(0, **f32), torch.empty(0, **f32)
     mean = torch.empty(geo.cout, **f32)
     var = torch.empty(geo.cout, **f32)
-    aggregate_stats_merge_kernel[(triton.cdiv(geo.cout, _STATS_MERGE_BLOCK_C),)](
+    aggregate_stats_merge_kernel[(cdiv(geo.cout, _STATS_MERGE_BLOCK_C),)](
         part_sum, part_m2, mean, var, scratch, scratch, scratch, 0.0, geo.m, geo.cout, tiles_m,
         TILE_ROWS=block_m, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_T=_STATS_MERGE_BLOCK_T,
         BLOCK_C=_STATS_MERGE_BLOCK_C)
@@ -188,7 +187,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
         gmask_strides = gmask.stride() if gmask is not None else (0, 0, 0, 0)
         block_m, block_c, block_co = grad_sample_tiles(geo.cg, geo.cout, dtype)
         # Pointers a launch never writes (flag off) get tensors of the dtype the kernel variant expects.
-        deform_conv_grad_sample_kernel[(triton.cdiv(geo.m, block_m), geo.taps * geo.groups)](
+        deform_conv_grad_sample_kernel[(cdiv(geo.m, block_m), geo.taps * geo.groups)](
             x_rows, geo.offset, geo.mask_or_offset(), pack_weight(weight, dtype), g_rows,
             rows_view(grad_input32) if need_input else scratch,
             grad_offset if need_offset else geo.offset, gmask if gmask is not None else geo.mask_or_offset(),
@@ -200,13 +199,13 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
             grad_input = grad_input32.to(dtype)
     if need_weight:
         block_c, block_co, block_m = grad_weight_tiles(geo.cg, geo.cout, dtype)
-        col_tiles = geo.taps * geo.groups * triton.cdiv(geo.cg, block_c)
-        tiles = col_tiles * triton.cdiv(geo.cout, block_co)
-        splits = max(1, min(triton.cdiv(4 * num_sms(device), tiles), triton.cdiv(geo.m, 8 * block_m)))
-        rows_per_split = triton.cdiv(triton.cdiv(geo.m, splits), block_m) * block_m
-        splits = triton.cdiv(geo.m, rows_per_split)
+        col_tiles = geo.taps * geo.groups * cdiv(geo.cg, block_c)
+        tiles = col_tiles * cdiv(geo.cout, block_co)
+        splits = max(1, min(cdiv(4 * num_sms(device), tiles), cdiv(geo.m, 8 * block_m)))
+        rows_per_split = cdiv(cdiv(geo.m, splits), block_m) * block_m
+        splits = cdiv(geo.m, rows_per_split)
         partial = torch.empty((splits, geo.taps * geo.cin, geo.cout), dtype=torch.float32, device=device)
-        deform_conv_grad_weight_kernel[(col_tiles, triton.cdiv(geo.cout, block_co), splits)](
+        deform_conv_grad_weight_kernel[(col_tiles, cdiv(geo.cout, block_co), splits)](
             x_rows, geo.offset, geo.mask_or_offset(), g_rows, partial, *geo.sizes(), rows_per_split,
             *geo.offset_mask_strides(), *geo.conv, mask_mode,
             BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_M=block_m, DOT_PRECISION=precision,
