@@ -68,6 +68,11 @@ def build_model(name: str) -> torch.nn.Module:
         from dla_fast.models.dla import DLA
 
         model = DLA((1, 1, 1, 2, 2, 1), (4, 8, 16, 32, 64, 128), BasicBlock, num_classes=7)
+    elif name == "tree":  # one DLA tree level: projection, two BasicBlocks, a residual Root; input (N, 4, 10, 10)
+        from dla_fast.models.blocks import BasicBlock
+        from dla_fast.models.dla import Tree
+
+        model = Tree(1, BasicBlock, 4, 6, stride=2, root_residual=True)
     else:
         model = dla_fast.create_model("centernet_dla34", dcn=False, heads={"hm": 3, "wh": 2}, head_conv=8)
     return randomize_bn(model, torch.Generator().manual_seed(6))
@@ -357,6 +362,28 @@ def scenario_ddp_compiled(rank):
     return results
 
 
+def scenario_ddp_inductor(rank):
+    """One accelerated DLA tree level (plain BatchNorm2d) in torch.compile(DDP(model)) with inductor (its C++
+    CPU kernels around the fused custom ops, which run their Triton kernels): one training step on local
+    batches of 2 (10x10 images: 5x5 after the stride), and the same step on a local copy without DDP or compile."""
+    import dla_fast
+    from torch.nn.parallel import DistributedDataParallel
+
+    g = torch.Generator().manual_seed(15)
+    x = rank_rows(torch.randn(4, 4, 10, 10, generator=g), rank, (2, 2)).contiguous(memory_format=torch.channels_last)
+    model, local = (dla_fast.accelerate(build_model("tree").train()) for _ in range(2))
+    compiled = torch.compile(DistributedDataParallel(model))
+    results = {}
+    _launched()
+    with dla_fast.use_backend("triton"):
+        for key, run, module in (("compiled", compiled, model), ("local", local, local)):
+            out = run(x)
+            model_loss(out, 16, rank, (2, 2)).backward()
+            results[key] = dict(out=out.detach(), grads={n: p.grad for n, p in module.named_parameters()},
+                                buffers={n: b for n, b in module.named_buffers()}, kernels=_launched())
+    return results
+
+
 def scenario_mismatched_channels(rank):
     """Rank 0 normalizes 4 channels, rank 1 five: both must raise (not hang)."""
     from dla_fast.ops.batchnorm_act import batchnorm_act
@@ -371,7 +398,8 @@ def scenario_mismatched_channels(rank):
 
 
 SCENARIOS = {"ops": scenario_ops, "dla34": scenario_dla34, "centernet": scenario_centernet, "ddp": scenario_ddp,
-             "ddp_compiled": scenario_ddp_compiled, "sync_batchnorm_compiled": scenario_sync_batchnorm_compiled,
+             "ddp_compiled": scenario_ddp_compiled, "ddp_inductor": scenario_ddp_inductor,
+             "sync_batchnorm_compiled": scenario_sync_batchnorm_compiled,
              "mismatched_channels": scenario_mismatched_channels}
 
 

@@ -265,6 +265,25 @@ def test_accelerated_dla34_under_ddp_compiled(runs):
             assert set(TRAINING_KERNELS) <= set(r[f"{order}_kernels"]), f"rank {rank} launched {r[f'{order}_kernels']}"
 
 
+def test_accelerated_tree_under_ddp_inductor(runs):
+    """torch.compile(DDP(model)) with inductor on one accelerated DLA tree level: outputs, running statistics
+    and the gradients averaged over the ranks as the same step run locally without DDP or compile; the fused
+    kernels ran inside the compiled step."""
+    results = runs["ddp_inductor"]
+    for rank, r in enumerate(results):
+        compiled, local = r["compiled"], r["local"]
+        assert_close(compiled["out"], local["out"], 1e-5, f"rank {rank}, output")
+        for n, g in compiled["grads"].items():
+            averaged = (results[0]["local"]["grads"][n] + results[1]["local"]["grads"][n]) / 2
+            assert_close(g, averaged, 1e-4, f"rank {rank}, grad of {n}")
+        for n, b in compiled["buffers"].items():
+            if b.dtype.is_floating_point:
+                assert_close(b, local["buffers"][n], 1e-5, f"rank {rank}, {n}")
+            else:
+                assert torch.equal(b, local["buffers"][n]), f"rank {rank}, {n}"
+        assert set(TRAINING_KERNELS) <= set(compiled["kernels"]), f"rank {rank} launched {compiled['kernels']}"
+
+
 def test_sync_batchnorm_accelerated_model_compiled(runs):
     """A DLA-34 (narrow) converted to SyncBatchNorm, accelerated and torch.compile'd (aot_eager): the synchronized
     fused ops break the graph (they run eagerly, by design) and the step equals the uncompiled synchronized one
