@@ -5,7 +5,8 @@ unequal local batches (3 and 1); each test compares their results with one proce
 plain nn.BatchNorm2d semantics (outputs concatenated, gradients of the weights summed over the ranks: the
 whole batch's loss is the sum of the ranks' losses). nn.SyncBatchNorm itself refuses CPU tensors in a process
 group, so the fused paths and their eager reference carry the SyncBatchNorm tests; DDP is tested with plain
-BatchNorm2d. Behaviour outside a process group is tested in this process.
+BatchNorm2d, eager and under torch.compile (aot_eager on a quarter-width DLA-34, inductor on one tree level); the
+SyncBatchNorm model under torch.compile without DDP. Behaviour outside a process group is tested in this process.
 """
 import copy
 import os
