@@ -116,6 +116,11 @@ def build_model(name: str) -> torch.nn.Module:
         from dla_fast.models.dla import DLA
 
         model = DLA((1, 1, 1, 2, 2, 1), (4, 8, 16, 32, 64, 128), BasicBlock, num_classes=7)
+    elif name == "tree":  # one DLA tree level: projection, two BasicBlocks, a residual Root; input (N, 4, 10, 10)
+        from dla_fast.models.blocks import BasicBlock
+        from dla_fast.models.dla import Tree
+
+        model = Tree(1, BasicBlock, 4, 6, stride=2, root_residual=True)
     else:
         model = dla_fast.create_model("centernet_dla34", dcn=False, heads={"hm": 3, "wh": 2}, head_conv=8)
     return randomize_bn(model, torch.Generator().manual_seed(6))
@@ -295,7 +300,22 @@ def scenario_ops(rank):
     return results
 
 
-def _model_step(rank, name, convert_first):
+class GraphRecorder:
+    """A torch.compile backend that runs each graph as backend="aot_eager" does (dynamo, AOT autograd, no
+    compiler: the fused custom ops run their real kernels) and records, per graph it is handed, the dla_fast
+    custom ops in it ('dla_fast.<op>'). Under DistributedDataParallel dynamo's DDPOptimizer hands it one graph per
+    gradient bucket; graph breaks (the synchronized BatchNorm steps) also give one graph per piece."""
+
+    def __init__(self):
+        self.graph_ops = []
+
+    def __call__(self, gm, example_inputs):
+        self.graph_ops.append(sorted({str(node.target).split(".default")[0] for node in gm.graph.nodes
+                                      if node.op == "call_function" and str(node.target).startswith("dla_fast.")}))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def _model_step(rank, name, convert_first, compiled=False):
     import dla_fast
 
     model = build_model(name).train()
@@ -305,17 +325,20 @@ def _model_step(rank, name, convert_first):
     else:
         dla_fast.accelerate(model)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    recorder = GraphRecorder()
+    run = torch.compile(model, backend=recorder) if compiled else model
     x, seed = model_batch()
     _launched()
     with dla_fast.use_backend("triton"):
-        out = model(rank_rows(x, rank).contiguous(memory_format=torch.channels_last))
+        out = run(rank_rows(x, rank).contiguous(memory_format=torch.channels_last))
         model_loss(out, seed, rank).backward()
     kernels = _launched()
     dla_fast.restore(model)
     sync_bns = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     plain_bns = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
     return dict(out=flat_outputs(out), grads={n: p.grad for n, p in model.named_parameters()},
-                buffers={n: b for n, b in model.named_buffers()}, restored=(sync_bns, plain_bns), kernels=kernels)
+                buffers={n: b for n, b in model.named_buffers()}, restored=(sync_bns, plain_bns), kernels=kernels,
+                graph_ops=recorder.graph_ops)
 
 
 def scenario_dla34(rank):
@@ -326,6 +349,14 @@ def scenario_dla34(rank):
 def scenario_centernet(rank):
     """CenterNet DLA-34 (plain convs) accelerated, then converted to SyncBatchNorm: one training step."""
     return _model_step(rank, "centernet", convert_first=False)
+
+
+def scenario_sync_batchnorm_compiled(rank):
+    """DLA-34 (narrow) converted to SyncBatchNorm, accelerated, then torch.compile'd (fullgraph=False, backend
+    aot_eager through GraphRecorder; the synchronized fused ops run eagerly through torch.compiler.disable: graph
+    breaks), one training step in Triton (interpreter); and the same step uncompiled."""
+    return dict(compiled=_model_step(rank, "dla34_narrow", convert_first=True, compiled=True),
+                eager=_model_step(rank, "dla34_narrow", convert_first=True))
 
 
 def scenario_ddp(rank):
@@ -345,7 +376,9 @@ def scenario_ddp(rank):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     def step(model, inputs, step_seed):
-        model_loss(model(inputs), step_seed, rank, (2, 2)).backward()
+        out = model(inputs)
+        model_loss(out, step_seed, rank, (2, 2)).backward()
+        return out
 
     static_model, accumulating_model, local_model = (dla_fast.accelerate(build_model("dla34_narrow").train())
                                                      for _ in range(3))
@@ -371,8 +404,9 @@ def scenario_ddp(rank):
         step(accumulating, micro[1], seed + 1)
         results["accumulated"] = grads(accumulating_model)
 
-        step(local_model, micro[0], seed)
+        results["local_a_out"] = flat_outputs(step(local_model, micro[0], seed))
         results["local_a"] = grads(local_model)
+        results["local_a_buffers"] = {n: b.clone() for n, b in local_model.named_buffers()}
         for p in local_model.parameters():
             p.grad = None
         step(local_model, micro[1], seed + 1)
@@ -385,6 +419,84 @@ def scenario_ddp(rank):
         results["local_step2"] = grads(local_model)
     logged = accumulating._get_ddp_logging_data()
     results["buckets"] = (logged.get("rebuilt_bucket_sizes"),)
+    return results
+
+
+def scenario_ddp_compiled(rank):
+    """scenario_ddp's steps under torch.compile (backend aot_eager through GraphRecorder: dynamo's DDPOptimizer
+    splits the graph at the gradient buckets, the fused custom ops run their Triton kernels), in both orders:
+    torch.compile(DDP(model)) (the documented one) for a first step, then gradient accumulation (micro-batch 0
+    under no_sync(), micro-batch 1 synced); DDP(torch.compile(model), static_graph=True) for two SGD
+    iterations. 1 MB buckets: DDPOptimizer refuses buckets smaller than DDP's first one (1 MB). The test
+    compares them with scenario_ddp's local runs (the same models, inputs and seeds)."""
+    import dla_fast
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, seed = model_batch()
+    micro = [rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)]
+    micro.append(micro[0].flip(0))
+
+    def grads(model):
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def step(model, inputs, step_seed):
+        out = model(inputs)
+        model_loss(out, step_seed, rank, (2, 2)).backward()
+        return out
+
+    outer_model, inner_model = (dla_fast.accelerate(build_model("dla34_narrow").train()) for _ in range(2))
+    outer_recorder, inner_recorder = GraphRecorder(), GraphRecorder()
+    outer_ddp = DistributedDataParallel(outer_model, bucket_cap_mb=1)
+    outer = torch.compile(outer_ddp, backend=outer_recorder)
+    inner = DistributedDataParallel(torch.compile(inner_model, backend=inner_recorder), bucket_cap_mb=1,
+                                    static_graph=True)
+    results = {}
+    _launched()
+    with dla_fast.use_backend("triton"):
+        results["outer_out"] = flat_outputs(step(outer, micro[0], seed))
+        results["outer_step1"] = grads(outer_model)
+        results["outer_buffers"] = {n: b.clone() for n, b in outer_model.named_buffers()}
+        for p in outer_model.parameters():
+            p.grad = None
+        with outer_ddp.no_sync():
+            step(outer, micro[0], seed)
+        results["no_sync"] = grads(outer_model)
+        step(outer, micro[1], seed + 1)
+        results["accumulated"] = grads(outer_model)
+        results["outer_kernels"] = _launched()
+
+        step(inner, micro[0], seed)
+        results["static_step1"] = grads(inner_model)
+        with torch.no_grad():
+            for p in inner_model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        step(inner, micro[1], seed + 1)
+        results["static_step2"] = grads(inner_model)
+        results["inner_kernels"] = _launched()
+    results["outer_graph_ops"], results["inner_graph_ops"] = outer_recorder.graph_ops, inner_recorder.graph_ops
+    return results
+
+
+def scenario_ddp_inductor(rank):
+    """One accelerated DLA tree level (plain BatchNorm2d) in torch.compile(DDP(model)) with inductor (its C++
+    CPU kernels around the fused custom ops, which run their Triton kernels): one training step on local
+    batches of 2 (10x10 images: 5x5 after the stride), and the same step on a local copy without DDP or compile."""
+    import dla_fast
+    from torch.nn.parallel import DistributedDataParallel
+
+    g = torch.Generator().manual_seed(15)
+    x = rank_rows(torch.randn(4, 4, 10, 10, generator=g), rank, (2, 2)).contiguous(memory_format=torch.channels_last)
+    model, local = (dla_fast.accelerate(build_model("tree").train()) for _ in range(2))
+    compiled = torch.compile(DistributedDataParallel(model))
+    results = {}
+    _launched()
+    with dla_fast.use_backend("triton"):
+        for key, run, module in (("compiled", compiled, model), ("local", local, local)):
+            out = run(x)
+            model_loss(out, 16, rank, (2, 2)).backward()
+            results[key] = dict(out=out.detach(), grads={n: p.grad for n, p in module.named_parameters()},
+                                buffers={n: b for n, b in module.named_buffers()}, kernels=_launched())
     return results
 
 
@@ -402,7 +514,9 @@ def scenario_mismatched_channels(rank):
 
 
 SCENARIOS = {"ops": scenario_ops, "dcn": scenario_dcn, "dla34": scenario_dla34, "centernet": scenario_centernet,
-             "ddp": scenario_ddp, "mismatched_channels": scenario_mismatched_channels}
+             "ddp": scenario_ddp, "ddp_compiled": scenario_ddp_compiled, "ddp_inductor": scenario_ddp_inductor,
+             "sync_batchnorm_compiled": scenario_sync_batchnorm_compiled,
+             "mismatched_channels": scenario_mismatched_channels}
 
 
 def main(argv):

@@ -5,7 +5,8 @@ unequal local batches (3 and 1); each test compares their results with one proce
 plain nn.BatchNorm2d semantics (outputs concatenated, gradients of the weights summed over the ranks: the
 whole batch's loss is the sum of the ranks' losses). nn.SyncBatchNorm itself refuses CPU tensors in a process
 group, so the fused paths and their eager reference carry the SyncBatchNorm tests; DDP is tested with plain
-BatchNorm2d. Behaviour outside a process group is tested in this process.
+BatchNorm2d, eager and under torch.compile (aot_eager on a quarter-width DLA-34, inductor on one tree level); the
+SyncBatchNorm model under torch.compile without DDP. Behaviour outside a process group is tested in this process.
 """
 import copy
 import os
@@ -305,6 +306,85 @@ def test_accelerated_dla34_under_ddp(runs):
             assert_close(r["accumulated"][n], accumulated[n], 1e-5, f"rank {rank}, accumulated grad of {n}")
     sizes = results[0]["buckets"][0]  # after the first synced iteration, as the accumulation step used them
     assert sizes is not None and len(sizes.split(",")) > 4, f"gradient bucket sizes {sizes}"
+
+
+TRAINING_KERNELS = ["aggregate_fwd_kernel", "aggregate_grad_input_kernel", "channel_stats_partial_kernel",
+                    "bn_apply_kernel", "bn_backward_apply_kernel"]
+
+
+def test_accelerated_dla34_under_ddp_compiled(runs):
+    """torch.compile with DDP (backend aot_eager): DDPOptimizer splits the graph at the gradient buckets, every
+    piece keeps the fused custom ops and their Triton kernels run. torch.compile(DDP(model)): the first step's
+    outputs, gradients and running statistics, then gradient accumulation under no_sync();
+    DDP(torch.compile(model), static_graph=True): two SGD iterations. Equal to the same steps run locally
+    without DDP or compile (scenario ddp), the gradients averaged over the ranks."""
+    local, results = runs["ddp"], runs["ddp_compiled"]
+
+    def averaged(key):
+        return {n: (local[0][key][n] + local[1][key][n]) / 2 for n in local[0][key]}
+
+    step1, step2 = averaged("local_a"), averaged("local_step2")
+    accumulated = {n: step1[n] + g for n, g in averaged("local_b").items()}
+    for rank, r in enumerate(results):
+        assert_close(r["outer_out"], local[rank]["local_a_out"], 1e-5, f"rank {rank}, compiled DDP output")
+        for n, b in r["outer_buffers"].items():
+            ref = local[rank]["local_a_buffers"][n]
+            if b.dtype.is_floating_point:
+                assert_close(b, ref, 1e-5, f"rank {rank}, compiled DDP {n}")
+            else:
+                assert torch.equal(b, ref), f"rank {rank}, compiled DDP {n}"
+        for n in step1:
+            assert_close(r["outer_step1"][n], step1[n], 1e-5, f"rank {rank}, compiled DDP, grad of {n}")
+            assert_close(r["no_sync"][n], local[rank]["local_a"][n], 1e-5, f"rank {rank}, no_sync(): grad of {n}")
+            assert_close(r["accumulated"][n], accumulated[n], 1e-5, f"rank {rank}, accumulated grad of {n}")
+            assert_close(r["static_step1"][n], step1[n], 1e-5, f"rank {rank}, static graph, step 1 grad of {n}")
+            assert_close(r["static_step2"][n], step2[n], 1e-5, f"rank {rank}, static graph, step 2 grad of {n}")
+        for order in ("outer", "inner"):
+            graphs = r[f"{order}_graph_ops"]
+            assert len(graphs) >= 3, f"rank {rank}, {order}: {len(graphs)} graph(s), not split at the buckets"
+            assert all("dla_fast.aggregate_fwd" in ops for ops in graphs), f"rank {rank}, {order}: {graphs}"
+            assert {"dla_fast.batchnorm_act_forward"} <= set().union(*graphs), f"rank {rank}, {order}: {graphs}"
+            assert set(TRAINING_KERNELS) <= set(r[f"{order}_kernels"]), f"rank {rank} launched {r[f'{order}_kernels']}"
+
+
+def test_accelerated_tree_under_ddp_inductor(runs):
+    """torch.compile(DDP(model)) with inductor on one accelerated DLA tree level: outputs, running statistics
+    and the gradients averaged over the ranks as the same step run locally without DDP or compile; the fused
+    kernels ran inside the compiled step."""
+    results = runs["ddp_inductor"]
+    for rank, r in enumerate(results):
+        compiled, local = r["compiled"], r["local"]
+        assert_close(compiled["out"], local["out"], 1e-5, f"rank {rank}, output")
+        for n, g in compiled["grads"].items():
+            averaged = (results[0]["local"]["grads"][n] + results[1]["local"]["grads"][n]) / 2
+            assert_close(g, averaged, 1e-4, f"rank {rank}, grad of {n}")
+        for n, b in compiled["buffers"].items():
+            if b.dtype.is_floating_point:
+                assert_close(b, local["buffers"][n], 1e-5, f"rank {rank}, {n}")
+            else:
+                assert torch.equal(b, local["buffers"][n]), f"rank {rank}, {n}"
+        assert set(TRAINING_KERNELS) <= set(compiled["kernels"]), f"rank {rank} launched {compiled['kernels']}"
+
+
+def test_sync_batchnorm_accelerated_model_compiled(runs):
+    """A DLA-34 (narrow) converted to SyncBatchNorm, accelerated and torch.compile'd (aot_eager): the synchronized
+    fused ops break the graph (they run eagerly, by design) and the step equals the uncompiled synchronized one
+    (outputs, gradients summed over the ranks, running statistics on every rank), which the DLA-34 tests above
+    compare with one process on the whole batch."""
+    results = runs["sync_batchnorm_compiled"]
+    compiled, eager = [r["compiled"] for r in results], [r["eager"] for r in results]
+    assert_close(_cat(compiled, "out"), _cat(eager, "out"), 1e-5, "output")
+    for n in eager[0]["grads"]:
+        assert_close(sum(r["grads"][n] for r in compiled), sum(r["grads"][n] for r in eager), 1e-4,
+                     f"grad of {n} summed over the ranks")
+    for rank, (c, e) in enumerate(zip(compiled, eager)):
+        for n, b in c["buffers"].items():
+            if b.dtype.is_floating_point:
+                assert_close(b, e["buffers"][n], 1e-5, f"rank {rank}, {n}")
+            else:
+                assert torch.equal(b, e["buffers"][n]), f"rank {rank}, {n}"
+        assert len(c["graph_ops"]) > 1, f"rank {rank}: {len(c['graph_ops'])} graph(s), no graph break"
+        assert set(TRAINING_KERNELS) <= set(c["kernels"]), f"rank {rank} launched only {c['kernels']}"
 
 
 # --------------------------------------------------------------------------------------------------------
