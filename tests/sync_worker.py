@@ -121,8 +121,9 @@ def build_model(name: str) -> torch.nn.Module:
         from dla_fast.models.dla import Tree
 
         model = Tree(1, BasicBlock, 4, 6, stride=2, root_residual=True)
-    else:
-        model = dla_fast.create_model("centernet_dla34", dcn=False, heads={"hm": 3, "wh": 2}, head_conv=8)
+    else:  # "centernet" (plain convs) or "centernet_dcn" (deformable convs, default offset-mask init)
+        model = dla_fast.create_model("centernet_dla34", dcn=name == "centernet_dcn", heads={"hm": 3, "wh": 2},
+                                      head_conv=8)
     return randomize_bn(model, torch.Generator().manual_seed(6))
 
 
@@ -140,7 +141,7 @@ def model_loss(out, seed: int, rank: int, split=SPLIT) -> torch.Tensor:
     loss = 0
     for t in tensors:
         whole = torch.randn((sum(split),) + tuple(t.shape[1:]), generator=g)
-        loss = loss + (t.float() * rank_rows(whole, rank, split)).sum()
+        loss = loss + (t.float() * rank_rows(whole, rank, split).to(t.device)).sum()
     return loss
 
 
@@ -148,15 +149,19 @@ LAUNCHES: list = []  # names of the Triton kernels launched (interpreter), reset
 
 
 def _count_launches() -> None:
-    from triton.runtime.interpreter import InterpretedFunction
+    """Record every Triton launch (the interpreter's, or the JIT's on a GPU)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime.interpreter import InterpretedFunction as launcher
+    else:
+        from triton.runtime.jit import JITFunction as launcher
 
-    original = InterpretedFunction.run
+    original = launcher.run
 
     def counting_run(self, *args, **kwargs):
         LAUNCHES.append(self.fn.__name__)
         return original(self, *args, **kwargs)
 
-    InterpretedFunction.run = counting_run
+    launcher.run = counting_run
 
 
 def _launched() -> list:
@@ -513,10 +518,57 @@ def scenario_mismatched_channels(rank):
     return dict(error=None)
 
 
+def scenario_ddp_sync_batchnorm_cuda(rank):
+    """GPU only (CUDA_SCENARIOS): both ranks on CUDA device 0 (gloo carries CUDA tensors; NCCL refuses two ranks
+    on one GPU). DLA-34 and CenterNet-DLA-34 with its deformable convs, converted to nn.SyncBatchNorm, under
+    DistributedDataParallel: one training step of the eager model (nn.SyncBatchNorm itself) and of the
+    accelerated one with each fused backend, fp32 (TF32 off) and bf16 autocast. DDP averages the gradients; they
+    are returned summed over the ranks (x world size) like the other scenarios'."""
+    import dla_fast
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    backends = ["triton"] + (["cuda"] if dla_fast.backend.unavailable_reason("cuda", device) is None else [])
+    return ddp_sync_batchnorm_steps(rank, device, ("dla34", "centernet_dcn"), ["eager"] + backends, ("fp32", "bf16"))
+
+
+def ddp_sync_batchnorm_steps(rank, device, names, providers, dtypes) -> dict:
+    """{(model name, provider, dtype): result} of scenario_ddp_sync_batchnorm_cuda on `device`; provider "eager"
+    (the model as it is) or a dla_fast backend (accelerated)."""
+    import dla_fast
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, seed = model_batch()
+    local = rank_rows(x, rank).to(device).contiguous(memory_format=torch.channels_last)
+    results = {}
+    for name in names:
+        for provider in providers:
+            for dtype in dtypes:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model(name).train())
+                if provider != "eager":
+                    dla_fast.accelerate(model)
+                ddp = DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda"
+                                              else None)
+                _launched()
+                with dla_fast.use_backend("torch" if provider == "eager" else provider), \
+                        torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+                    out = ddp(local)
+                    model_loss(out, seed, rank).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                results[name, provider, dtype] = dict(
+                    out=flat_outputs(out).float().cpu(), kernels=_launched(),
+                    grads={n: p.grad.double().cpu() * 2 for n, p in model.named_parameters()},
+                    buffers={n: b.cpu() for n, b in model.named_buffers()})
+    return results
+
+
 SCENARIOS = {"ops": scenario_ops, "dcn": scenario_dcn, "dla34": scenario_dla34, "centernet": scenario_centernet,
              "ddp": scenario_ddp, "ddp_compiled": scenario_ddp_compiled, "ddp_inductor": scenario_ddp_inductor,
              "sync_batchnorm_compiled": scenario_sync_batchnorm_compiled,
              "mismatched_channels": scenario_mismatched_channels}
+CUDA_SCENARIOS = {"ddp_sync_batchnorm_cuda": scenario_ddp_sync_batchnorm_cuda}
 
 
 def main(argv):
@@ -532,7 +584,7 @@ def main(argv):
         for name in names:
             start, cpu = time.perf_counter(), time.process_time()
             try:
-                result = SCENARIOS[name](rank)
+                result = {**SCENARIOS, **CUDA_SCENARIOS}[name](rank)
             except Exception:  # recorded for the test to show; the other rank may then time out
                 result = dict(exception=traceback.format_exc())
             torch.save(result, os.path.join(out_dir, f"{name}_{rank}.pt"))

@@ -37,15 +37,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    """{scenario: [rank 0 result, rank 1 result]} from one two-process run of every scenario."""
+def _run_workers(names, interpret: bool) -> dict:
+    """{scenario: [rank 0 result, rank 1 result]} from one two-process run of the scenarios `names` (Triton's
+    interpreter on CPU tensors when `interpret`, else the GPU)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+        else:
+            env.pop("TRITON_INTERPRET", None)
         port = _free_port()
         procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "sync_worker.py"), str(rank), "2",
-                                   str(port), out_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                   str(port), out_dir, ",".join(names)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for rank in range(2)]
         logs = []
         try:
@@ -58,12 +61,18 @@ def runs():
                     p.wait()
         assert all(p.returncode == 0 for p in procs), "a worker failed:\n" + "\n----\n".join(logs)
         results = {}
-        for name in worker.SCENARIOS:
+        for name in names:
             results[name] = [torch.load(os.path.join(out_dir, f"{name}_{rank}.pt"), weights_only=False)
                              for rank in range(2)]
             for rank, r in enumerate(results[name]):
                 assert "exception" not in r, f"scenario {name} failed on rank {rank}:\n{r['exception']}"
-        yield results
+        return results
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """{scenario: [rank 0 result, rank 1 result]} from one two-process run of every CPU scenario."""
+    return _run_workers(list(worker.SCENARIOS), interpret=True)
 
 
 def _cat(results, key):
@@ -285,6 +294,50 @@ def test_accelerated_dla34_with_sync_batchnorm_equals_one_process(runs):
 
 def test_accelerated_centernet_converted_after_accelerate_equals_one_process(runs):
     _check_against_whole_batch("centernet", runs["centernet"])
+
+
+@pytest.mark.cuda
+def test_sync_batchnorm_under_ddp_on_gpu():
+    """On the GPU (two ranks sharing CUDA device 0 over gloo): DLA-34 and CenterNet-DLA-34 with deformable convs,
+    converted to nn.SyncBatchNorm, under DistributedDataParallel. Each accelerated run (every fused backend, fp32
+    and bf16 autocast) against fp64 on the whole batch in one process, each error at most twice that of the eager
+    model (nn.SyncBatchNorm under DDP) in the same dtype, within the fp32 parity bounds; the fused kernels ran."""
+    results = _run_workers(list(worker.CUDA_SCENARIOS), interpret=False)["ddp_sync_batchnorm_cuda"]
+    kernels = {"dla34": ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"],
+               "centernet_dcn": ["aggregate_fwd_kernel", "deform_conv_fwd_kernel", "deform_conv_grad_sample_kernel",
+                                 "deform_conv_grad_weight_kernel"]}
+    for name in kernels:
+        ref_out, ref_grads, ref_buffers = _whole_batch_step(name, torch.float64)
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        providers = sorted({provider for (model, provider, _) in results[0] if model == name} - {"eager"})
+        assert "triton" in providers, providers
+        for dtype in ("fp32", "bf16"):
+            floors = (1e-5, 1e-4) if dtype == "fp32" else (0.0, 0.0)
+            eager = results[0][name, "eager", dtype]
+            eager_out = torch.cat([r[name, "eager", dtype]["out"] for r in results])
+            for provider in providers:
+                where = f"{name}, {provider}, {dtype}"
+                runs_ = [r[name, provider, dtype] for r in results]
+
+                def check(value, ref, eager_value, floor, what):
+                    bound = max(2 * rel_err(eager_value, ref), floor)
+                    assert rel_err(value, ref) <= bound, f"{where}, {what}: {rel_err(value, ref):.3g} > {bound:.3g}"
+
+                check(torch.cat([r["out"] for r in runs_]), ref_out, eager_out, floors[0], "outputs")
+                for n, ref in ref_grads.items():
+                    value, eager_value = runs_[0]["grads"][n], eager["grads"][n]
+                    if ref.abs().max() <= 1e-6 * scale:  # a conv bias feeding a training BatchNorm: zero but rounding
+                        bound = max(2 * eager_value.abs().max().item(), 1e-5 * scale)
+                        assert value.abs().max() <= bound, f"{where}: grad of {n} should vanish"
+                    else:
+                        check(value, ref, eager_value, floors[1], f"grad of {n}")
+                for rank, r in enumerate(runs_):
+                    for n, ref in ref_buffers.items():
+                        if n.endswith("num_batches_tracked"):
+                            assert int(r["buffers"][n]) == int(ref), f"{where}: {n} on rank {rank}"
+                        else:
+                            check(r["buffers"][n], ref, eager["buffers"][n], floors[0], f"{n} on rank {rank}")
+                    assert set(kernels[name]) <= set(r["kernels"]), f"{where}: rank {rank} launched {r['kernels']}"
 
 
 def test_accelerated_dla34_under_ddp(runs):
