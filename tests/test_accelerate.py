@@ -84,17 +84,39 @@ class ModuleRecorder:
 
 
 def _replay(call, fused_path, training, kernels):
-    """The recorded call again, from the recorded state: the fused module, or the eager one it replaced."""
+    """The recorded call's forward again, from the recorded state: the fused module, or the eager one it replaced.
+    Returns (outputs, input leaves, module); _replay_backward runs the backward."""
     module = copy.deepcopy(call["module"] if fused_path else call["module"].original)
     module.load_state_dict(call["state"])
     module.train(training)
     leaves = [t.clone().requires_grad_() for t in call["inputs"]]
     with dla_fast.use_backend(kernels if fused_path else "torch"):
         output = module(*_rebuild(call["args"], leaves))
-        outs = [t for t in _flat(output) if all(t is not leaf for leaf in leaves)]
-        pairs = [(o, g) for o, g in zip(outs, call["grads"]) if g is not None]
+    return [t for t in _flat(output) if all(t is not leaf for leaf in leaves)], leaves, module
+
+
+def _replay_backward(outs, grads, leaves, backend):
+    """The replayed call's backward with the output gradients `grads`; the gradients of its inputs."""
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    with dla_fast.use_backend(backend):
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    return outs, [leaf.grad for leaf in leaves], module
+    return [leaf.grad for leaf in leaves]
+
+
+def _without_relu_ties(grads, fused_outs, eager_outs):
+    """The recorded output gradients, zeroed where an output is a ReLU tie: positive in either replay but within
+    the forward's tolerance (1e-5 of the largest output) of 0. There rounding alone decides the ReLU's side, so
+    the two fp32 replays (and an fp64 one) may disagree on the mask, and with it on a whole training-mode
+    BatchNorm channel's sums and on that row's input gradient (dla169: a pre-ReLU value of 2.4e-7 beside conv
+    outputs of 10 flipped one root's input gradients by 2e-2). With a zero gradient there the mask does not
+    matter; elements that both replays set to 0 keep their gradient, so the mask is still tested."""
+    untied = []
+    for g, a, b in zip(grads, fused_outs, eager_outs):
+        if g is not None:
+            band = 1e-5 * b.abs().max()
+            g = g.masked_fill(((a > 0) & (a <= band)) | ((b > 0) & (b <= band)), 0)
+        untied.append(g)
+    return untied
 
 
 def _check_modules(recorder, training, types, kernels, in_model=True):
@@ -105,12 +127,15 @@ def _check_modules(recorder, training, types, kernels, in_model=True):
     assert calls, "no fused module ran"
     for call in calls:
         where = f"{call['name']} ({'train' if training else 'eval'})"
-        eager_outs, eager_grads, eager = _replay(call, False, training, kernels)
+        eager_outs, eager_leaves, eager = _replay(call, False, training, kernels)
         for k, (seen, expected) in enumerate(zip(call["outs"], eager_outs) if in_model else ()):
             assert_close(seen, expected, 1e-5, f"{where}: output {k} in the model")
-        fused_outs, fused_grads, fused = _replay(call, True, training, kernels)
+        fused_outs, fused_leaves, fused = _replay(call, True, training, kernels)
         for k, (a, b) in enumerate(zip(fused_outs, eager_outs)):
             assert_close(a, b, 1e-5, f"{where}: output {k}")
+        grads = _without_relu_ties(call["grads"], fused_outs, eager_outs)
+        eager_grads = _replay_backward(eager_outs, grads, eager_leaves, "torch")
+        fused_grads = _replay_backward(fused_outs, grads, fused_leaves, kernels)
         for k, (a, b) in enumerate(zip(fused_grads, eager_grads)):
             if b is not None:
                 assert_close(a, b, 1e-4, f"{where}: grad of input {k}")
