@@ -161,15 +161,21 @@ def _first_tensor(output):
     return output
 
 
-def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED_TYPES, kernels="triton"):
+def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED_TYPES, kernels="triton",
+                       fused_blocks=False):
     """accelerate() keeps the state_dict; eval outputs equal; every fused module (of the `replayed` types)
     equals its original in an eval and a training step (forward and backward), and the listed Triton kernels
-    ran in each step."""
+    ran in each step. fused_blocks: the blocks train through their fused path (conv + fused BatchNorm, whose
+    kernels must run), so the roots are replayed on what fused blocks gave them, and in the training step one
+    block of each kind is replayed too, the smallest (level 5: 8 values per channel; every block:
+    test_accelerated_blocks_train_like_the_originals)."""
     keys_before = {k: v.clone() for k, v in fused.state_dict().items()}
-    # The blocks' own training path (conv + fused BatchNorm) is tested by test_accelerated_blocks_train_like_the_
-    # originals; here the blocks run their eager modules in training, as before, so these tests check the fused
-    # roots and up-merges on the same inputs as ever and within the interpreter's time.
-    monkeypatch.setattr(folded_module, "fused_training_applies", lambda pairs, x: False)
+    if not fused_blocks:
+        # The blocks' own training path (conv + fused BatchNorm) is tested by test_accelerated_blocks_train_like_
+        # the_originals (and by the fused_blocks case); here the blocks run their eager modules in training, as
+        # before, so these tests check the fused roots and up-merges on the same inputs as ever and within the
+        # interpreter's time.
+        monkeypatch.setattr(folded_module, "fused_training_applies", lambda pairs, x: False)
     dla_fast.accelerate(fused)
     after = fused.state_dict()
     assert list(after) == list(keys_before)
@@ -181,19 +187,23 @@ def _check_accelerated(ref, fused, expected_kernels, monkeypatch, replayed=FUSED
     for training in (False, True):
         ref.train(training), fused.train(training)
         counter.names.clear()
-        recorder = ModuleRecorder(fused)
+        recorder = ModuleRecorder(fused, FUSED_TYPES + (FOLDED_TYPES if fused_blocks else ()))
         with dla_fast.use_backend(kernels):
             out = _first_tensor(fused(x))
             if not training:
                 assert_close(out, _first_tensor(ref(x)), 1e-5, "eval output of the whole model")
             out.backward(torch.randn_like(out))
         recorder.remove()
-        assert sorted({c["name"] for c in recorder.calls}) == sorted(fused_names)
-        for kernel in expected_kernels:
+        assert sorted({c["name"] for c in recorder.calls if isinstance(c["module"], FUSED_TYPES)}) == sorted(
+            fused_names)
+        for kernel in expected_kernels + (list(BN_TRAINING_KERNELS) if fused_blocks and training else []):
             assert kernel in counter.names, f"{kernel} did not run"
         if kernels == "cuda":  # the BatchNorm steps ran in the extension, not in Triton
             assert "bn_apply_kernel" not in counter.names and "bn_backward_reduce_partial_kernel" not in counter.names
-        _check_modules(recorder, training, replayed, kernels)
+        calls = [c for c in recorder.calls if isinstance(c["module"], replayed)]
+        if fused_blocks and training:
+            calls += _representative_calls([c for c in recorder.calls if isinstance(c["module"], FOLDED_TYPES)])
+        _check_modules(types.SimpleNamespace(calls=calls), training, replayed + FOLDED_TYPES, kernels)
     return fused_names
 
 
@@ -202,13 +212,13 @@ WITH_EXTENSION = pytest.mark.skipif(not EXTENSION_BUILT, reason=f"the extension 
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("name, source, roots, kernels", [
-    ("dla34", "timm", 6, "triton"),          # plain roots
-    ("dla102", "timm", 14, "triton"),        # residual roots
-    ("dla169", "dla_fast", 23, "triton"),    # roots with up to 7 children
-    pytest.param("dla34", "timm", 6, "cuda", marks=WITH_EXTENSION, id="dla34-extension"),  # BN steps in _C
+@pytest.mark.parametrize("name, source, roots, kernels, fused_blocks", [
+    ("dla34", "timm", 6, "triton", False),          # plain roots
+    ("dla102", "timm", 14, "triton", False),        # residual roots
+    ("dla169", "dla_fast", 23, "triton", True),     # roots with up to 7 children; blocks train fused
+    pytest.param("dla34", "timm", 6, "cuda", False, marks=WITH_EXTENSION, id="dla34-extension"),  # BN steps in _C
 ])
-def test_accelerated_backbone_equals_original(name, source, roots, kernels, monkeypatch):
+def test_accelerated_backbone_equals_original(name, source, roots, kernels, fused_blocks, monkeypatch):
     ref = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
     if source == "timm":
         fused = copy.deepcopy(ref)
@@ -216,7 +226,8 @@ def test_accelerated_backbone_equals_original(name, source, roots, kernels, monk
         fused = dla_fast.create_model(name, num_classes=10)
         fused.load_state_dict(ref.state_dict())
     names = _check_accelerated(ref.to(DEVICE), fused.to(DEVICE),
-                               ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"], monkeypatch, kernels=kernels)
+                               ["aggregate_fwd_kernel", "aggregate_grad_input_kernel"], monkeypatch, kernels=kernels,
+                               fused_blocks=fused_blocks)
     assert len(names) == roots
     assert sum(isinstance(m, FusedRoot) for m in fused.modules()) == roots
 
