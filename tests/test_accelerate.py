@@ -5,7 +5,8 @@ compared module by module: every fused module is replayed, from the state it had
 gradients it really saw inside the model, against the eager module it replaced. Whole-model fp32 gradients of
 a deep BatchNorm network are chaotic under any change of summation order (ReLU and max-pool ties, batch
 statistics over few values): eager PyTorch itself, NCHW or channels_last, is 1e-3..1e-2 away from an fp64
-run on these inputs, so a direct comparison would test the conditioning, not the kernels.
+run on these inputs, so a direct comparison would test the conditioning, not the kernels. Likewise a replay gives
+no gradient to an output that is a ReLU tie (within the forward's tolerance of 0: rounding picks its side).
 """
 import copy
 import types
@@ -109,7 +110,8 @@ def _without_relu_ties(grads, fused_outs, eager_outs):
     the two fp32 replays (and an fp64 one) may disagree on the mask, and with it on a whole training-mode
     BatchNorm channel's sums and on that row's input gradient (dla169: a pre-ReLU value of 2.4e-7 beside conv
     outputs of 10 flipped one root's input gradients by 2e-2). With a zero gradient there the mask does not
-    matter; elements that both replays set to 0 keep their gradient, so the mask is still tested."""
+    matter; elements that both replays set to 0 keep their gradient, so the mask is still tested (an output
+    without a ReLU, a projection, only loses the gradient of its few smallest positive values)."""
     untied = []
     for g, a, b in zip(grads, fused_outs, eager_outs):
         if g is not None:
