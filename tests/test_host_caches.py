@@ -72,3 +72,39 @@ def test_host_launch_arithmetic_equals_tritons():
     assert [next_power_of_2(n) for n in values] == [triton.next_power_of_2(n) for n in values]
     assert [cdiv(n, d) for n in values for d in (1, 3, 16, 64, 1000)] == \
         [triton.cdiv(n, d) for n in values for d in (1, 3, 16, 64, 1000)]
+
+
+@pytest.mark.interpreter
+def test_upsample_merge_caches_the_cast_weight_layout_until_the_weight_changes():
+    """Training under autocast (fp16 activations, fp32 weight parameter): the weight's fp16 transposed layout is
+    made once per weight version and reused by later calls, an in-place update (an optimizer step) is seen by
+    the next call, and a bad argument after good calls still raises."""
+    from dla_fast.ops import common
+    from dla_fast.ops.upsample_merge import upsample_merge
+    low = torch.randn(2, 5, 3, 5).half().requires_grad_()
+    high = torch.randn(2, 5, 6, 10).half()
+    weight = torch.randn(5, 1, 4, 4).div_(2).requires_grad_()
+
+    def reference():
+        up = torch.nn.functional.conv_transpose2d(low.double(), weight.detach().half().double(), stride=2,
+                                                  padding=1, groups=5)
+        return up + high.double()
+
+    key = ("upsample_merge_weight_t", torch.float16)
+    with dla_fast.use_backend("triton"):
+        layouts = []
+        for step in range(2):
+            out = upsample_merge(low, weight, high, 2, "add")
+            out.sum().backward()
+            assert (out.double() - reference()).abs().max().item() < 2e-2, f"step {step}"
+            layouts.append(common._DERIVED[weight][key][1])
+            upsample_merge(low, weight, high, 2, "add")
+            assert common._DERIVED[weight][key][1] is layouts[-1]  # the same weight version: reused
+            with torch.no_grad():
+                weight.mul_(-1.5)
+        assert layouts[0] is not layouts[1]
+        assert torch.equal(layouts[1], (weight.detach() / -1.5).half().reshape(5, 16).t())
+        with pytest.raises(TypeError, match="dtypes differ"):
+            upsample_merge(low, weight.detach().double(), high, 2, "add")
+        with pytest.raises(TypeError, match="dtypes differ"):
+            upsample_merge(low, weight, high.float(), 2, "add")
