@@ -108,3 +108,107 @@ def test_upsample_merge_caches_the_cast_weight_layout_until_the_weight_changes()
             upsample_merge(low, weight.detach().double(), high, 2, "add")
         with pytest.raises(TypeError, match="dtypes differ"):
             upsample_merge(low, weight, high.float(), 2, "add")
+
+
+@pytest.fixture
+def counted_checks(monkeypatch):
+    """checks(module, name): count the calls of module.<name> (an op's argument checks), with a fresh
+    validated-signature cache in that module; returns the list of calls."""
+    from dla_fast.ops.common import ValidatedSignatures
+
+    def checks(module, name):
+        calls, real = [], getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+        monkeypatch.setattr(module, "_VALIDATED", ValidatedSignatures())
+        return calls
+    return checks
+
+
+def _raises_after_checking(calls, error, match, fn):
+    """fn raises `error` from the op's checks (they ran: the signature differs from the validated ones)."""
+    before = len(calls)
+    with pytest.raises(error, match=match):
+        fn()
+    assert len(calls) == before + 1
+
+
+def test_aggregate_checks_run_once_per_signature(counted_checks):
+    """Same signature (also with fresh tensors): checked once; any change the checks read is checked again, so a
+    bad argument after good calls still raises, whatever it differs in (a shape, a dtype, eps's sign or type,
+    momentum's type, the batch size, the residual's channels)."""
+    from dla_fast.ops.aggregate import aggregate, op as aggregate_op
+    calls = counted_checks(aggregate_op, "check_inputs")
+
+    def args(children_shape=(2, 3, 4, 5), **changes):
+        c = children_shape[1]
+        given = dict(children=[torch.randn(children_shape), torch.randn(children_shape)],
+                     weight=torch.randn(c, 2 * c, 1, 1), bn_weight=torch.rand(c) + 0.5, bn_bias=torch.randn(c),
+                     running_mean=torch.zeros(c), running_var=torch.ones(c),
+                     num_batches_tracked=torch.zeros((), dtype=torch.long), training=True, momentum=0.1, eps=1e-5,
+                     residual=False)
+        given.update(changes)
+        return given
+
+    with dla_fast.use_backend("torch"):
+        for _ in range(3):
+            aggregate(**args())
+        assert len(calls) == 1
+        aggregate(**args(children_shape=(2, 3, 4, 6)))
+        assert len(calls) == 2
+        bad = [(ValueError, "eps must be positive", dict(eps=0.0)),
+               (TypeError, "eps must be a number", dict(eps=True)),
+               (TypeError, "momentum must be a number", dict(momentum="0.1")),
+               (ValueError, "share a dtype", dict(children=[torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).half()])),
+               (ValueError, "does not fit the children", dict(weight=torch.randn(3, 5, 1, 1))),
+               (ValueError, "weight must have shape \\(3,\\)", dict(bn_weight=torch.rand(4))),
+               (ValueError, "num_batches_tracked must be a one-element", dict(num_batches_tracked=torch.zeros(2))),
+               (ValueError, "Expected more than 1 value", dict(children=[torch.randn(1, 3, 1, 1)] * 2)),
+               (ValueError, "a residual root adds child 0", dict(residual=True, weight=torch.randn(4, 6, 1, 1),
+                                                                 bn_weight=torch.rand(4), bn_bias=torch.randn(4),
+                                                                 running_mean=torch.zeros(4),
+                                                                 running_var=torch.ones(4)))]
+        for error, match, change in bad:
+            _raises_after_checking(calls, error, match, lambda: aggregate(**args(**change)))
+        aggregate(**args())
+        assert len(calls) == 2 + len(bad)
+
+
+def test_batchnorm_act_checks_run_once_per_signature(counted_checks):
+    from dla_fast.ops.batchnorm_act import batchnorm_act, op as batchnorm_act_op
+    calls = counted_checks(batchnorm_act_op, "check_inputs")
+
+    def args(**changes):
+        given = dict(x=torch.randn(2, 3, 4, 5), weight=torch.rand(3) + 0.5, bias=torch.randn(3),
+                     running_mean=torch.zeros(3), running_var=torch.ones(3),
+                     num_batches_tracked=torch.zeros((), dtype=torch.long), training=False, momentum=0.1, eps=1e-5,
+                     residual=torch.randn(2, 3, 4, 5))
+        given.update(changes)
+        return given
+
+    with dla_fast.use_backend("torch"):
+        for _ in range(3):
+            batchnorm_act(**args())
+        assert len(calls) == 1
+        bad = [(ValueError, "eps must be non-negative", dict(eps=-1e-5)),
+               (TypeError, "eps must be a number", dict(eps=False)),
+               (ValueError, "residual", dict(residual=torch.randn(2, 3, 4, 6))),
+               (TypeError, "running_var has dtype", dict(running_var=torch.ones(3, dtype=torch.float64))),
+               (ValueError, "give both running_mean and running_var", dict(running_var=None))]
+        for error, match, change in bad:
+            _raises_after_checking(calls, error, match, lambda: batchnorm_act(**args(**change)))
+
+
+def test_upsample_merge_checks_run_once_per_signature(counted_checks):
+    from dla_fast.ops import upsample_merge as um
+    calls = counted_checks(um, "check_upsample_merge_inputs")
+    low, weight, high = torch.randn(2, 3, 4, 5), torch.randn(3, 1, 4, 4), torch.randn(2, 3, 8, 10)
+    with dla_fast.use_backend("torch"):
+        for _ in range(3):
+            um.upsample_merge(low.clone(), weight, high, 2, "add")
+        assert len(calls) == 1
+        bad = [(ValueError, "factor must be an even integer", (low, weight, high, 2.0, "add")),  # 2.0 == 2
+               (TypeError, "dtypes differ", (low, weight.double(), high, 2, "add")),
+               (ValueError, "high must be exactly factor x low", (low, weight, high[..., :9], 2, "add")),
+               (ValueError, "mode must be one of", (low, weight, high, 2, "sum"))]
+        for error, match, given in bad:
+            _raises_after_checking(calls, error, match, lambda: um.upsample_merge(*given))

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._triton import tl, triton
-from .common import cached_derived, cdiv, channels_last, device_guard, extension_ops, next_power_of_2
+from .common import (ValidatedSignatures, cached_derived, cdiv, channels_last, device_guard, extension_ops,
+                     next_power_of_2, tensor_signature)
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
@@ -446,6 +447,18 @@ class _UpsampleMergeFunction(torch.autograd.Function):
         return (*_merge_backward(ctx, grad_out, grads), None, None, None)
 
 
+_VALIDATED = ValidatedSignatures()  # signatures check_upsample_merge_inputs accepted
+
+
+def _signature(low, weight, high, factor, mode):
+    """Everything check_upsample_merge_inputs reads, as a hashable tuple (factor with its type: 2.0 == 2);
+    None when an argument is not a tensor (the checks then run and say so)."""
+    try:
+        return (tensor_signature(low), tensor_signature(weight), tensor_signature(high), type(factor), factor, mode)
+    except AttributeError:
+        return None
+
+
 def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, factor: int,
                    mode: str = "add") -> torch.Tensor:
     """Upsample `low` by the depthwise transposed conv `weight` and merge it with `high` (see module docstring).
@@ -456,7 +469,10 @@ def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, 
     (N, Ch, f*h, f*w) for mode "concat" -> out = cat([high, up], dim=1) of shape (N, Ch + C, f*h, f*w).
     The implementation comes from `dla_fast.backend.resolve(low.device, "upsample_merge")`.
     """
-    check_upsample_merge_inputs(low, weight, high, factor, mode)
+    signature = None if torch.compiler.is_compiling() else _signature(low, weight, high, factor, mode)
+    if signature not in _VALIDATED:  # the checks run once per signature
+        check_upsample_merge_inputs(low, weight, high, factor, mode)
+        _VALIDATED.add(signature)
     impl = backend.resolve(low.device, "upsample_merge", low.dtype)
     if impl == "torch":
         return _eager_upsample_merge(low, weight, high, factor, mode)
