@@ -330,9 +330,7 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
                                  count)
         return out
     running = None
-    if training and running_mean is not None:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
+    if training and running_mean is not None:  # counted and folded in by the kernels
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)
