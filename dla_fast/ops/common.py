@@ -3,6 +3,7 @@ CUDA device guard of Triton launches, and access to the compiled extension."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -66,6 +67,12 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a small stand-in for the interpreter on the CPU)."""
     if device.type != "cuda":
         return 4
+    return _cuda_sm_count(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device: torch.device) -> int:
+    """A device's SM count, asked once per device (the launchers ask on every call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
