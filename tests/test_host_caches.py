@@ -212,3 +212,18 @@ def test_upsample_merge_checks_run_once_per_signature(counted_checks):
                (ValueError, "mode must be one of", (low, weight, high, 2, "sum"))]
         for error, match, given in bad:
             _raises_after_checking(calls, error, match, lambda: um.upsample_merge(*given))
+
+
+def test_aggregate_tile_choice_cache_equals_the_choice_and_keeps_overrides(monkeypatch):
+    """The cached default tiles equal the uncached choice for every argument combination (CUDA and CPU rules; only
+    the device type is read), and TILE_OVERRIDES set after cached calls still wins."""
+    from dla_fast.ops.aggregate import launch
+    for kernel in ("fwd", "grad_input", "grad_weight"):
+        for m in (1, 4095, 4096, 100000):
+            for cout in (1, 17, 64, 65, 1024):
+                for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    for device in (torch.device("cuda"), torch.device("cpu")):
+                        assert launch._tile_sizes(kernel, m, cout, dtype, device) == \
+                            launch._default_tile_sizes.__wrapped__(kernel, m >= 4096, cout, dtype, device.type)
+    monkeypatch.setitem(launch.TILE_OVERRIDES, "fwd", (16, 16, 16))
+    assert launch._tile_sizes("fwd", 5000, 64, torch.float16, torch.device("cuda")) == (16, 16, 16)

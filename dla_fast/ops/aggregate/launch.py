@@ -2,6 +2,7 @@
 forward and backward, and `kernel_configurations` (every configuration they pick, for dla_fast.ops.aot)."""
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import product
 from typing import Sequence, Tuple
 
@@ -39,12 +40,20 @@ def _tile_sizes(kernel: str, m: int, cout: int, dtype: torch.dtype, device: torc
     per element); on GPU 16-bit inputs take deeper K tiles than fp32."""
     if kernel in TILE_OVERRIDES:
         return TILE_OVERRIDES[kernel]
-    if device.type != "cuda":
+    return _default_tile_sizes(kernel, m >= 4096, cout, dtype, device.type)
+
+
+@lru_cache(maxsize=4096)
+def _default_tile_sizes(kernel: str, many_rows: bool, cout: int, dtype: torch.dtype,
+                        device_type: str) -> Tuple[int, int, int]:
+    """_tile_sizes without overrides: a pure function of its arguments, computed once per combination (1.6 us
+    per call on CUDA tensors otherwise, three calls per training step)."""
+    if device_type != "cuda":
         return {"fwd": (128, 256, 256), "grad_input": (128, 256, 256), "grad_weight": (256, 256, 128)}[kernel]
     k = 32 if dtype == torch.float32 else 64
     # grad_input stays 64 x 64 at every Cout: 128 x 128 tiles (8 warps) spilled 136-144 bytes of stack per thread
     # in this kernel compiled for sm_90 (255 registers; the eight child slots), so they are not used
-    return {"fwd": (128 if m >= 4096 else 64, _pow2_clamp(cout, 16, 128), k),
+    return {"fwd": (128 if many_rows else 64, _pow2_clamp(cout, 16, 128), k),
             "grad_input": (64, k, k),
             "grad_weight": (_pow2_clamp(cout, 16, 64), 64, k)}[kernel]
 
