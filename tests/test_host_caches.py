@@ -227,3 +227,27 @@ def test_aggregate_tile_choice_cache_equals_the_choice_and_keeps_overrides(monke
                             launch._default_tile_sizes.__wrapped__(kernel, m >= 4096, cout, dtype, device.type)
     monkeypatch.setitem(launch.TILE_OVERRIDES, "fwd", (16, 16, 16))
     assert launch._tile_sizes("fwd", 5000, 64, torch.float16, torch.device("cuda")) == (16, 16, 16)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_aggregate_weight_with_transposed_storage(dtype):
+    """A conv weight whose [Cout, K] rows are not contiguous (transposed storage) is copied into rows the kernel
+    reads, in the children's dtype, cached like the cast."""
+    children = [torch.randn(2, 6, 3, 5).to(dtype), torch.randn(2, 5, 3, 5).to(dtype)]
+    weight = torch.randn(11, 7).t().reshape(7, 11, 1, 1)  # strides (1, 7, 7, 7)
+    gamma, beta = torch.rand(7) + 0.5, torch.randn(7)
+    mean, var = torch.randn(7) * 0.1, torch.rand(7) + 0.5
+    reference = torch.relu(torch.nn.functional.batch_norm(
+        torch.nn.functional.conv2d(torch.cat(children, 1).double(), weight.to(dtype).double()), mean.double(),
+        var.double(), gamma.double(), beta.double(), False))
+    with dla_fast.use_backend("triton"), torch.no_grad():
+        out = agg.aggregate(children, weight, gamma, beta, mean, var)
+    error = (out.double() - reference).abs().max().item() / reference.abs().max().item()
+    if dtype == torch.float32:
+        assert error < 1e-5
+    else:  # at most twice eager fp16's own error
+        eager = torch.relu(torch.nn.functional.batch_norm(
+            torch.nn.functional.conv2d(torch.cat(children, 1), weight.to(dtype)).float(), mean, var, gamma, beta,
+            False))
+        assert error <= 2 * (eager.double() - reference).abs().max().item() / reference.abs().max().item()

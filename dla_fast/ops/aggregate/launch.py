@@ -130,8 +130,10 @@ def _weight_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     w2d = weight.reshape(weight.shape[0], -1)
     if w2d.dtype == dtype and w2d.is_contiguous():
         return w2d
+    # one contiguous copy in dtype (Tensor.to ignores memory_format when the dtype is unchanged, which left a
+    # weight with transposed storage non-contiguous here)
     return cached_derived(weight, ("aggregate_weight_rows", dtype),
-                          lambda: w2d.to(dtype, memory_format=torch.contiguous_format))
+                          lambda: torch.empty(w2d.shape, dtype=dtype, device=w2d.device).copy_(w2d))
 
 
 def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residual, batch_stats, save_preact, impl,
