@@ -6,10 +6,12 @@ own host code per call (argument checks, backend choice, allocations, views, cas
 CPU tensors, i.e. everything but Triton's launcher and the kernels. On a GPU without --stub it times real calls
 (host + launch; the kernels of these tiny shapes take a few microseconds).
 
-    python benchmarks/profile_host_calls.py [--calls 200] [--profile aggregate_train_amp]
+    python benchmarks/profile_host_calls.py [--calls 200] [--timer cpu] [--profile aggregate_train]
 
 Prints per-call medians (of 5 repeats) for each case, an eager PyTorch sequence of the same ops on the same tiny
-tensors for scale, and optionally a cProfile of one case (top functions by own time).
+tensors for scale, and optionally a cProfile of one case (top functions by own time). --timer cpu counts this
+process's CPU time instead of wall time: on a shared machine it leaves out the time other processes hold the
+cores (with stubbed launches nothing waits on a device, so it is the host time per call).
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ def make_cases(device: torch.device):
     a16, b16 = a.half(), b.half()
     low = torch.randn(2, 64, 4, 4, **g).contiguous(memory_format=torch.channels_last)
     up_weight = torch.randn(64, 1, 4, 4, **g)
+    low16, a16_leaf = low.half().requires_grad_(), a.half()
+    up_weight_param = up_weight.clone().requires_grad_()
 
     def root_eval():
         with torch.no_grad():
@@ -84,28 +88,36 @@ def make_cases(device: torch.device):
         with torch.no_grad():
             F.conv_transpose2d(low, up_weight, stride=2, padding=1, groups=64) + a
 
+    def merge_train_amp():  # autocast's parameters: fp32 weight, 16-bit activations
+        upsample_merge(low16, up_weight_param, a16_leaf, 2, "add").sum().backward()
+
+    def merge_train_amp_eager():
+        up = F.conv_transpose2d(low16, up_weight_param.half(), stride=2, padding=1, groups=64)
+        (up + a16_leaf).sum().backward()
+
     return {
         "aggregate_eval": (root_eval, root_eval_eager),
         "aggregate_train": (root_train, root_train_eager),
         "aggregate_train_fp16_acts_fp32_weight": (lambda: root_train(a16, b16), lambda: root_train_eager(a16, b16)),
         "batchnorm_act_train": (bn_train, bn_train_eager),
         "upsample_merge_eval": (merge_eval, merge_eval_eager),
+        "upsample_merge_train_fp16_acts_fp32_weight": (merge_train_amp, merge_train_amp_eager),
     }
 
 
-def per_call_us(fn, calls: int, device: torch.device) -> float:
+def per_call_us(fn, calls: int, device: torch.device, clock=time.perf_counter) -> float:
     for _ in range(5):
         fn()
     times = []
     for _ in range(5):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
+        times.append((clock() - start) / calls * 1e6)
     return statistics.median(times)
 
 
@@ -113,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--stub", action="store_true", help="no-op Triton launches (implied without CUDA)")
+    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: this process's CPU time (time.process_time)")
     parser.add_argument("--profile", help="cProfile this case (top 12 functions by own time)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,13 +135,15 @@ def main() -> None:
         stub_triton_launches()
     torch.set_num_threads(1)
     cases = make_cases(device)
+    clock = time.process_time if args.timer == "cpu" else time.perf_counter
     print(f"device {device}, torch {torch.__version__}, Triton launches {'stubbed' if stubbed else 'real'}, "
-          f"{args.calls} calls x 5 repeats, median per call")
+          f"{args.calls} calls x 5 repeats, median per call, {args.timer} time, load average "
+          f"{os.getloadavg()[0]:.1f}")
     print("| case | dla_fast us/call | eager torch us/call |\n|---|---:|---:|")
     with dla_fast.use_backend("triton"):
         for name, (fused, eager) in cases.items():
-            print(f"| {name} | {per_call_us(fused, args.calls, device):.1f} | "
-                  f"{per_call_us(eager, args.calls, device):.1f} |")
+            print(f"| {name} | {per_call_us(fused, args.calls, device, clock):.1f} | "
+                  f"{per_call_us(eager, args.calls, device, clock):.1f} |")
         if args.profile:
             fused = cases[args.profile][0]
             profiler = cProfile.Profile()

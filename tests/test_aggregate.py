@@ -7,7 +7,7 @@ import dla_fast
 from dla_fast.ops.aggregate import launch as aggregate_launch
 from dla_fast.ops.aggregate import aggregate, aggregate_fwd
 
-from helpers import assert_close, poisoned_allocations, rel_err
+from helpers import LaunchCounter, assert_close, poisoned_allocations, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_BACKEND = "triton"
@@ -191,6 +191,57 @@ def test_launches_triton_kernels(monkeypatch):
     ref, fused, children = _make((6,), 6, False)
     _check_step(ref, fused, children, training=True)
     assert "aggregate_grad_input_kernel" in launched and "aggregate_dy_kernel" not in launched  # one column tile
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_training_forward_counts_the_batch_in_its_kernels(momentum, monkeypatch):
+    """A training forward is three kernel launches and no other device op: num_batches_tracked is counted by the
+    GEMM kernel (program 0), not by a separate add_; the statistics merge, launched after it, reads the counted
+    value (momentum=None), and the buffers equal nn.BatchNorm2d's after two steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if torch.cuda.is_available():
+        from triton.runtime.jit import JITFunction as kernel_class
+    else:
+        from triton.runtime.interpreter import InterpretedFunction as kernel_class
+    in_kernel = []
+
+    class MutatingOps(TorchDispatchMode):
+        """The in-place aten ops dla_fast runs outside the Triton launches (device work on buffers; the
+        interpreter's own copies of kernel arguments do not count)."""
+
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.is_mutable and not in_kernel:
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ref, fused, children = _make((6, 7), 6, False, momentum=momentum)
+    ref.train(), fused.train()
+    counter = LaunchCounter(monkeypatch)
+    counted_run = kernel_class.run
+
+    def run_marked(self, *args, **kwargs):
+        in_kernel.append(self)
+        try:
+            return counted_run(self, *args, **kwargs)
+        finally:
+            in_kernel.pop()
+
+    monkeypatch.setattr(kernel_class, "run", run_marked)
+    for step in range(2):
+        with torch.no_grad(), dla_fast.use_backend(KERNEL_BACKEND), MutatingOps() as mutating:
+            out = _fused(fused, children)
+        with torch.no_grad():
+            expected = ref(children)
+        assert mutating.names == [], mutating.names
+        assert counter.names == ["aggregate_fwd_kernel", "aggregate_stats_merge_kernel", "bn_apply_kernel"]
+        counter.names.clear()
+        assert_close(out, expected, 1e-5, f"output, step {step}")
+        _check_buffers(ref, fused)
 
 
 @pytest.mark.interpreter

@@ -72,3 +72,182 @@ def test_host_launch_arithmetic_equals_tritons():
     assert [next_power_of_2(n) for n in values] == [triton.next_power_of_2(n) for n in values]
     assert [cdiv(n, d) for n in values for d in (1, 3, 16, 64, 1000)] == \
         [triton.cdiv(n, d) for n in values for d in (1, 3, 16, 64, 1000)]
+
+
+@pytest.mark.interpreter
+def test_upsample_merge_caches_the_cast_weight_layout_until_the_weight_changes():
+    """Training under autocast (fp16 activations, fp32 weight parameter): the weight's fp16 transposed layout is
+    made once per weight version and reused by later calls, an in-place update (an optimizer step) is seen by
+    the next call, and a bad argument after good calls still raises."""
+    from dla_fast.ops import common
+    from dla_fast.ops.upsample_merge import upsample_merge
+    low = torch.randn(2, 5, 3, 5).half().requires_grad_()
+    high = torch.randn(2, 5, 6, 10).half()
+    weight = torch.randn(5, 1, 4, 4).div_(2).requires_grad_()
+
+    def reference():
+        up = torch.nn.functional.conv_transpose2d(low.double(), weight.detach().half().double(), stride=2,
+                                                  padding=1, groups=5)
+        return up + high.double()
+
+    key = ("upsample_merge_weight_t", torch.float16)
+    with dla_fast.use_backend("triton"):
+        layouts = []
+        for step in range(2):
+            out = upsample_merge(low, weight, high, 2, "add")
+            out.sum().backward()
+            assert (out.double() - reference()).abs().max().item() < 2e-2, f"step {step}"
+            layouts.append(common._DERIVED[weight][key][1])
+            upsample_merge(low, weight, high, 2, "add")
+            assert common._DERIVED[weight][key][1] is layouts[-1]  # the same weight version: reused
+            with torch.no_grad():
+                weight.mul_(-1.5)
+        assert layouts[0] is not layouts[1]
+        assert torch.equal(layouts[1], (weight.detach() / -1.5).half().reshape(5, 16).t())
+        with pytest.raises(TypeError, match="dtypes differ"):
+            upsample_merge(low, weight.detach().double(), high, 2, "add")
+        with pytest.raises(TypeError, match="dtypes differ"):
+            upsample_merge(low, weight, high.float(), 2, "add")
+
+
+@pytest.fixture
+def counted_checks(monkeypatch):
+    """checks(module, name): count the calls of module.<name> (an op's argument checks), with a fresh
+    validated-signature cache in that module; returns the list of calls."""
+    from dla_fast.ops.common import ValidatedSignatures
+
+    def checks(module, name):
+        calls, real = [], getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+        monkeypatch.setattr(module, "_VALIDATED", ValidatedSignatures())
+        return calls
+    return checks
+
+
+def _raises_after_checking(calls, error, match, fn):
+    """fn raises `error` from the op's checks (they ran: the signature differs from the validated ones)."""
+    before = len(calls)
+    with pytest.raises(error, match=match):
+        fn()
+    assert len(calls) == before + 1
+
+
+def test_aggregate_checks_run_once_per_signature(counted_checks):
+    """Same signature (also with fresh tensors): checked once; any change the checks read is checked again, so a
+    bad argument after good calls still raises, whatever it differs in (a shape, a dtype, eps's sign or type,
+    momentum's type, the batch size, the residual's channels)."""
+    from dla_fast.ops.aggregate import aggregate, op as aggregate_op
+    calls = counted_checks(aggregate_op, "check_inputs")
+
+    def args(children_shape=(2, 3, 4, 5), **changes):
+        c = children_shape[1]
+        given = dict(children=[torch.randn(children_shape), torch.randn(children_shape)],
+                     weight=torch.randn(c, 2 * c, 1, 1), bn_weight=torch.rand(c) + 0.5, bn_bias=torch.randn(c),
+                     running_mean=torch.zeros(c), running_var=torch.ones(c),
+                     num_batches_tracked=torch.zeros((), dtype=torch.long), training=True, momentum=0.1, eps=1e-5,
+                     residual=False)
+        given.update(changes)
+        return given
+
+    with dla_fast.use_backend("torch"):
+        for _ in range(3):
+            aggregate(**args())
+        assert len(calls) == 1
+        aggregate(**args(children_shape=(2, 3, 4, 6)))
+        assert len(calls) == 2
+        bad = [(ValueError, "eps must be positive", dict(eps=0.0)),
+               (TypeError, "eps must be a number", dict(eps=True)),
+               (TypeError, "momentum must be a number", dict(momentum="0.1")),
+               (ValueError, "share a dtype", dict(children=[torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).half()])),
+               (ValueError, "does not fit the children", dict(weight=torch.randn(3, 5, 1, 1))),
+               (ValueError, "weight must have shape \\(3,\\)", dict(bn_weight=torch.rand(4))),
+               (ValueError, "num_batches_tracked must be a one-element", dict(num_batches_tracked=torch.zeros(2))),
+               (ValueError, "Expected more than 1 value", dict(children=[torch.randn(1, 3, 1, 1)] * 2)),
+               (ValueError, "a residual root adds child 0", dict(residual=True, weight=torch.randn(4, 6, 1, 1),
+                                                                 bn_weight=torch.rand(4), bn_bias=torch.randn(4),
+                                                                 running_mean=torch.zeros(4),
+                                                                 running_var=torch.ones(4)))]
+        for error, match, change in bad:
+            _raises_after_checking(calls, error, match, lambda: aggregate(**args(**change)))
+        aggregate(**args())
+        assert len(calls) == 2 + len(bad)
+
+
+def test_batchnorm_act_checks_run_once_per_signature(counted_checks):
+    from dla_fast.ops.batchnorm_act import batchnorm_act, op as batchnorm_act_op
+    calls = counted_checks(batchnorm_act_op, "check_inputs")
+
+    def args(**changes):
+        given = dict(x=torch.randn(2, 3, 4, 5), weight=torch.rand(3) + 0.5, bias=torch.randn(3),
+                     running_mean=torch.zeros(3), running_var=torch.ones(3),
+                     num_batches_tracked=torch.zeros((), dtype=torch.long), training=False, momentum=0.1, eps=1e-5,
+                     residual=torch.randn(2, 3, 4, 5))
+        given.update(changes)
+        return given
+
+    with dla_fast.use_backend("torch"):
+        for _ in range(3):
+            batchnorm_act(**args())
+        assert len(calls) == 1
+        bad = [(ValueError, "eps must be non-negative", dict(eps=-1e-5)),
+               (TypeError, "eps must be a number", dict(eps=False)),
+               (ValueError, "residual", dict(residual=torch.randn(2, 3, 4, 6))),
+               (TypeError, "running_var has dtype", dict(running_var=torch.ones(3, dtype=torch.float64))),
+               (ValueError, "give both running_mean and running_var", dict(running_var=None))]
+        for error, match, change in bad:
+            _raises_after_checking(calls, error, match, lambda: batchnorm_act(**args(**change)))
+
+
+def test_upsample_merge_checks_run_once_per_signature(counted_checks):
+    from dla_fast.ops import upsample_merge as um
+    calls = counted_checks(um, "check_upsample_merge_inputs")
+    low, weight, high = torch.randn(2, 3, 4, 5), torch.randn(3, 1, 4, 4), torch.randn(2, 3, 8, 10)
+    with dla_fast.use_backend("torch"):
+        for _ in range(3):
+            um.upsample_merge(low.clone(), weight, high, 2, "add")
+        assert len(calls) == 1
+        bad = [(ValueError, "factor must be an even integer", (low, weight, high, 2.0, "add")),  # 2.0 == 2
+               (TypeError, "dtypes differ", (low, weight.double(), high, 2, "add")),
+               (ValueError, "high must be exactly factor x low", (low, weight, high[..., :9], 2, "add")),
+               (ValueError, "mode must be one of", (low, weight, high, 2, "sum"))]
+        for error, match, given in bad:
+            _raises_after_checking(calls, error, match, lambda: um.upsample_merge(*given))
+
+
+def test_aggregate_tile_choice_cache_equals_the_choice_and_keeps_overrides(monkeypatch):
+    """The cached default tiles equal the uncached choice for every argument combination (CUDA and CPU rules; only
+    the device type is read), and TILE_OVERRIDES set after cached calls still wins."""
+    from dla_fast.ops.aggregate import launch
+    for kernel in ("fwd", "grad_input", "grad_weight"):
+        for m in (1, 4095, 4096, 100000):
+            for cout in (1, 17, 64, 65, 1024):
+                for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    for device in (torch.device("cuda"), torch.device("cpu")):
+                        assert launch._tile_sizes(kernel, m, cout, dtype, device) == \
+                            launch._default_tile_sizes.__wrapped__(kernel, m >= 4096, cout, dtype, device.type)
+    monkeypatch.setitem(launch.TILE_OVERRIDES, "fwd", (16, 16, 16))
+    assert launch._tile_sizes("fwd", 5000, 64, torch.float16, torch.device("cuda")) == (16, 16, 16)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_aggregate_weight_with_transposed_storage(dtype):
+    """A conv weight whose [Cout, K] rows are not contiguous (transposed storage) is copied into rows the kernel
+    reads, in the children's dtype, cached like the cast."""
+    children = [torch.randn(2, 6, 3, 5).to(dtype), torch.randn(2, 5, 3, 5).to(dtype)]
+    weight = torch.randn(11, 7).t().reshape(7, 11, 1, 1)  # strides (1, 7, 7, 7)
+    gamma, beta = torch.rand(7) + 0.5, torch.randn(7)
+    mean, var = torch.randn(7) * 0.1, torch.rand(7) + 0.5
+    reference = torch.relu(torch.nn.functional.batch_norm(
+        torch.nn.functional.conv2d(torch.cat(children, 1).double(), weight.to(dtype).double()), mean.double(),
+        var.double(), gamma.double(), beta.double(), False))
+    with dla_fast.use_backend("triton"), torch.no_grad():
+        out = agg.aggregate(children, weight, gamma, beta, mean, var)
+    error = (out.double() - reference).abs().max().item() / reference.abs().max().item()
+    if dtype == torch.float32:
+        assert error < 1e-5
+    else:  # at most twice eager fp16's own error
+        eager = torch.relu(torch.nn.functional.batch_norm(
+            torch.nn.functional.conv2d(torch.cat(children, 1), weight.to(dtype)).float(), mean, var, gamma, beta,
+            False))
+        assert error <= 2 * (eager.double() - reference).abs().max().item() / reference.abs().max().item()

@@ -168,6 +168,29 @@ def test_triton_matches_eager(factor, mode, dtype, monkeypatch):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=cpu_triton), EXTENSION])
+@pytest.mark.parametrize("mode", MODES)
+def test_fp32_weight_with_fp16_activations_as_autocast(impl, mode, monkeypatch):
+    """An fp32 weight with fp16 low / high (autocast's parameters, cast inside the op): output and gradients
+    within 2x the error of eager fp16 with the weight cast as autocast casts it; the weight's gradient is fp32."""
+    factor = 4
+    low, _, high, grad = make_inputs(tiny_shape(factor), factor, mode, torch.float16)
+    weight = torch.randn(low.shape[1], 1, 2 * factor, 2 * factor).div_(factor)
+    reference = forward_backward(eager, *(t.double() for t in (low, weight, high, grad)), factor, mode)
+
+    def eager_autocast(low, weight, high, factor, mode):
+        return eager(low, weight.half(), high, factor, mode)
+
+    theirs = forward_backward(eager_autocast, low, weight, high, grad, factor, mode)
+    ours = run_fused(impl, monkeypatch, low, weight, high, grad, factor, mode)
+    assert ours[2].dtype == torch.float32
+    for name, got, eager_result, ref in zip(("output", "grad_low", "grad_weight", "grad_high"), ours, theirs,
+                                            reference):
+        err, eager_err = rel_err(got, ref), rel_err(eager_result, ref)
+        assert err <= 2 * eager_err, f"{impl} {name}: error {err:.3g} > 2 x eager's {eager_err:.3g}"
+
+
+@pytest.mark.interpreter
 @cpu_triton
 def test_triton_several_channel_blocks_and_tiles_per_program(monkeypatch):
     """Ch = 70 and C = 37 span several channel blocks of high and up; the 99 low pixels are 2 tiles of 64,

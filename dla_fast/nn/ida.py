@@ -24,7 +24,6 @@ import torch.nn as nn
 
 from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
-from ..ops.common import cached_derived
 from ..ops.upsample_merge import upsample_merge
 from .batchnorm import sync_args
 from .dcn import FoldedDCN, dcn_unsupported, deform_conv_bn_relu
@@ -41,15 +40,6 @@ def conv1x1_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
     """ReLU(bn(conv1x1(x))) as a one-child aggregation node."""
     return aggregate([x], conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                      bn.training, bn.momentum, bn.eps, **sync_args(bn))
-
-
-def _weight_like(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """The upsample's weight in the activations' dtype, as autocast gives it to the eager transposed conv
-    (without gradients: cached until the weight changes, see dla_fast.ops.common.cached_derived)."""
-    weight = up.weight
-    if weight.dtype == x.dtype:
-        return weight
-    return cached_derived(weight, ("upsample_weight_as", x.dtype), lambda: weight.to(x.dtype))
 
 
 class _FusedIDA(nn.Module):
@@ -137,7 +127,7 @@ class FusedIDAUp(_FusedIDA):
         nodes = []
         for i in range(1, len(layers)):
             projected = self._project(i, layers[i])
-            merged = upsample_merge(projected, _weight_like(getattr(self, f"up_{i}"), projected), x,
+            merged = upsample_merge(projected, getattr(self, f"up_{i}").weight, x,
                                     self.up_factors[i], "concat")
             node = getattr(self, f"node_{i}")
             x = self._conv_bn_relu(f"node_{i}", node[0], node[1], merged, fold)
@@ -162,7 +152,7 @@ class FusedIDAUpAdd(_FusedIDA):
         for i in range(1, len(layers)):
             proj, node = getattr(self, f"proj_{i}"), getattr(self, f"node_{i}")
             projected = self._conv_bn_relu(f"proj_{i}", proj.conv, proj.actf[0], layers[i], fold)
-            merged = upsample_merge(projected, _weight_like(getattr(self, f"up_{i}"), projected), outputs[-1],
+            merged = upsample_merge(projected, getattr(self, f"up_{i}").weight, outputs[-1],
                                     self.up_factors[i], "add")
             outputs.append(self._conv_bn_relu(f"node_{i}", node.conv, node.actf[0], merged, fold))
         return outputs

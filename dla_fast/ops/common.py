@@ -3,6 +3,7 @@ CUDA device guard of Triton launches, and access to the compiled extension."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -66,6 +67,12 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a small stand-in for the interpreter on the CPU)."""
     if device.type != "cuda":
         return 4
+    return _cuda_sm_count(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device: torch.device) -> int:
+    """A device's SM count, asked once per device (the launchers ask on every call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -115,3 +122,40 @@ def cached_derived(source: torch.Tensor, key, make: Callable[[], torch.Tensor]) 
             value = make()                 # training calls may save it for backward
         hit = entries[key] = (stamp, value)
     return hit[1]
+
+
+def tensor_signature(t: Optional[torch.Tensor]):
+    """What argument checks read of an optional tensor argument: (type, shape, dtype, device), or None.
+    AttributeError for an argument that is not a tensor (callers then run their checks)."""
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+class ValidatedSignatures:
+    """The argument signatures an op's checks accepted, so that later calls with the same signature skip them.
+
+    A signature is a hashable tuple of everything the checks read: types, shapes, dtypes and devices of the
+    tensors, and the flags and numbers they test (eps, momentum, ... with their types: True == 1 == 1.0 in a
+    tuple). Never a tensor's values. Callers build it only outside torch.compile (None: run the checks), and only
+    if building it costs clearly less than the checks (benchmarks/NOTES.md, "host time per call"). Bounded:
+    cleared when it holds `limit` signatures."""
+
+    def __init__(self, limit: int = 4096):
+        self._seen: set = set()
+        self._limit = limit
+
+    def __contains__(self, signature) -> bool:
+        try:
+            return signature is not None and signature in self._seen
+        except TypeError:  # an unhashable argument: the checks run (and name it)
+            return False
+
+    def add(self, signature) -> None:
+        if signature is None:
+            return
+        if len(self._seen) >= self._limit:
+            self._seen.clear()
+        try:
+            self._seen.add(signature)
+        except TypeError:
+            pass
+

@@ -38,6 +38,7 @@ Both call the same forward / backward implementations. Double backward is not su
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Tuple
 
 import torch
@@ -45,7 +46,8 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._triton import tl, triton
-from .common import cached_derived, cdiv, channels_last, device_guard, extension_ops, next_power_of_2
+from .common import (ValidatedSignatures, cached_derived, cdiv, channels_last, device_guard, extension_ops,
+                     next_power_of_2, tensor_signature)
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
@@ -83,7 +85,8 @@ def upsample_merge_reference(low: torch.Tensor, weight: torch.Tensor, high: torc
 
 
 def _eager_upsample_merge(low, weight, high, factor, mode):
-    up = F.conv_transpose2d(low, weight, stride=factor, padding=factor // 2, groups=low.shape[1])
+    # an fp32 weight with 16-bit activations (autocast's parameters) is cast as autocast casts it
+    up = F.conv_transpose2d(low, weight.to(low.dtype), stride=factor, padding=factor // 2, groups=low.shape[1])
     return up + high if mode == "add" else torch.cat([high, up], dim=1)
 
 
@@ -100,8 +103,10 @@ def check_upsample_merge_inputs(low: torch.Tensor, weight: torch.Tensor, high: t
             raise TypeError(f"upsample_merge: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"upsample_merge: {name} must be 4-D, got shape {tuple(t.shape)}")
-    if not (low.dtype == weight.dtype == high.dtype):
-        raise TypeError(f"upsample_merge: dtypes differ: low {low.dtype}, weight {weight.dtype}, high {high.dtype}")
+    fp32_weight = weight.dtype == torch.float32 and low.dtype in (torch.float16, torch.bfloat16)
+    if low.dtype != high.dtype or (weight.dtype != low.dtype and not fp32_weight):
+        raise TypeError(f"upsample_merge: dtypes differ: low {low.dtype}, weight {weight.dtype}, high {high.dtype} "
+                        "(the weight may also be float32 with 16-bit low and high, as autocast keeps it)")
     if not low.dtype.is_floating_point:
         raise TypeError(f"upsample_merge: expected floating-point tensors, got {low.dtype}")
     if not (low.device == weight.device == high.device):
@@ -250,16 +255,25 @@ def grad_weight_reduce_kernel(partial_ptr, grad_weight_ptr, n_blocks, C, TAPS: t
     tl.store(grad_weight_ptr + c * TAPS + k, acc.to(grad_weight_ptr.dtype.element_ty), mask=ok)
 
 
-def _transposed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 2f, 2f) -> [(2f)^2, C] contiguous: the weight layout of the Triton kernels (cached until the
-    weight changes, see common.cached_derived)."""
-    return cached_derived(weight, "upsample_merge_weight_t",
-                          lambda: weight.reshape(weight.shape[0], -1).t().contiguous())
+def _transposed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C, 1, 2f, 2f) -> [(2f)^2, C] contiguous in the activations' dtype: the weight layout of the Triton kernels
+    (cast and transposed in one copy, cached until the weight changes, see common.cached_derived: under autocast
+    the fp32 parameter is the cache's key, so the copy is made once per optimizer step, not per call)."""
+    return cached_derived(weight, ("upsample_merge_weight_t", dtype),
+                          lambda: _cast_copy(weight.reshape(weight.shape[0], -1).t(), dtype))
 
 
-def _contiguous_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 2f, 2f) contiguous: the weight layout of the extension's kernels."""
-    return weight.contiguous()
+def _contiguous_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C, 1, 2f, 2f) contiguous in the activations' dtype: the weight layout of the extension's kernels (a cast
+    is cached as in _transposed_weight)."""
+    if weight.dtype == dtype:
+        return weight.contiguous()
+    return cached_derived(weight, ("upsample_merge_weight", dtype), lambda: _cast_copy(weight, dtype))
+
+
+def _cast_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of t in dtype, one pass (Tensor.to ignores memory_format when the dtype is unchanged)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 def _output_for(low: torch.Tensor, high: torch.Tensor, factor: int, concat: bool) -> torch.Tensor:
@@ -294,12 +308,13 @@ def _triton_forward(low: torch.Tensor, weight_t: torch.Tensor, high: torch.Tenso
 
 
 def _triton_backward(grad_out: torch.Tensor, channel_offset: int, low: torch.Tensor, weight_t: torch.Tensor,
-                     factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                     factor: int, weight_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_low, grad_weight), grad_weight in weight_dtype (the reduce kernel stores its fp32 sums in it)."""
     n, c, h, w = low.shape
     H, W = grad_out.shape[2], grad_out.shape[3]
     taps = 4 * factor * factor
     grad_low = torch.empty_like(low, memory_format=torch.channels_last)
-    grad_weight = weight_t.new_empty((c, 1, 2 * factor, 2 * factor))
+    grad_weight = weight_t.new_empty((c, 1, 2 * factor, 2 * factor), dtype=weight_dtype)
     if c == 0:
         return grad_low, grad_weight
     m_low = n * h * w
@@ -325,11 +340,12 @@ def _extension_forward(low, weight, high, factor, concat):
     return extension_ops().upsample_merge_forward(low, weight, high, factor, concat)
 
 
-def _extension_backward(grad_out, channel_offset, low, weight, factor):
-    return extension_ops().upsample_merge_backward(grad_out, channel_offset, low, weight, factor)
+def _extension_backward(grad_out, channel_offset, low, weight, factor, weight_dtype):
+    grad_low, grad_weight = extension_ops().upsample_merge_backward(grad_out, channel_offset, low, weight, factor)
+    return grad_low, grad_weight.to(weight_dtype)
 
 
-# impl -> (weight in the kernels' layout, forward, backward)
+# impl -> (weight in the kernels' layout and the activations' dtype, forward, backward)
 _IMPLS = {"triton": (_transposed_weight, _triton_forward, _triton_backward),
           "cuda": (_contiguous_weight, _extension_forward, _extension_backward)}
 
@@ -350,7 +366,7 @@ def upsample_merge_fwd(low: torch.Tensor, weight: torch.Tensor, high: torch.Tens
     """Fused forward with kernels `impl` ('triton' | 'cuda'); output channels_last (see module docstring)."""
     _check_impl(impl)
     kernel_weight, forward, _ = _IMPLS[impl]
-    return forward(channels_last(low), kernel_weight(weight), channels_last(high), factor, concat)
+    return forward(channels_last(low), kernel_weight(weight, low.dtype), channels_last(high), factor, concat)
 
 
 @upsample_merge_fwd.register_fake
@@ -361,10 +377,12 @@ def _(low, weight, high, factor, concat, impl):
 @torch.library.custom_op("dla_fast::upsample_merge_bwd", mutates_args=())
 def upsample_merge_bwd(grad_out: torch.Tensor, channel_offset: int, low: torch.Tensor, weight: torch.Tensor,
                        factor: int, impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(grad_low channels_last, grad_weight (C, 1, 2f, 2f)) from grad_out's channels [offset, offset + C)."""
+    """(grad_low channels_last, grad_weight (C, 1, 2f, 2f) in the weight's dtype) from grad_out's channels
+    [offset, offset + C)."""
     _check_impl(impl)
     kernel_weight, _, backward = _IMPLS[impl]
-    return backward(channels_last(grad_out), channel_offset, channels_last(low), kernel_weight(weight), factor)
+    return backward(channels_last(grad_out), channel_offset, channels_last(low), kernel_weight(weight, low.dtype),
+                    factor, weight.dtype)
 
 
 @upsample_merge_bwd.register_fake
@@ -373,14 +391,16 @@ def _(grad_out, channel_offset, low, weight, factor, impl):
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
-def _save_for_backward(ctx, low, weight, high_channels, factor, concat, impl) -> None:
+def _save_for_backward(ctx, low, weight, high_channels, factor, concat, impl, weight_dtype) -> None:
     ctx.save_for_backward(low, weight)
     ctx.factor, ctx.concat, ctx.impl, ctx.high_channels = factor, concat, impl, high_channels
+    ctx.weight_dtype = weight_dtype
 
 
 def _merge_backward(ctx, grad_out, low_weight_grads):
     """(grad_low, grad_weight, grad_high); `low_weight_grads(grad_out, channel_offset, low, weight, factor, impl)`
-    computes the first two from the saved (low, weight), and runs only when one of them is needed."""
+    computes the first two from the saved (low, weight), and runs only when one of them is needed (grad_weight
+    in the dtype of the weight the op was given, ctx.weight_dtype)."""
     low, weight = ctx.saved_tensors
     grad_low = grad_weight = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
@@ -392,7 +412,7 @@ def _merge_backward(ctx, grad_out, low_weight_grads):
 
 def _setup_context(ctx, inputs, output):
     low, weight, high, factor, concat, impl = inputs
-    _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl)
+    _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight.dtype)
 
 
 def _backward(ctx, grad_out):
@@ -402,36 +422,57 @@ def _backward(ctx, grad_out):
 upsample_merge_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _saved_input_backward(grad_out, channel_offset, low, kernel_weight, factor, impl):
-    """The backward on what the eager Function saved: low channels_last, the weight in the kernels' layout."""
-    return _IMPLS[impl][2](channels_last(grad_out), channel_offset, low, kernel_weight, factor)
+def _saved_input_backward(grad_out, channel_offset, low, kernel_weight, factor, impl, weight_dtype):
+    """The backward on what the eager Function saved: low channels_last, the weight in the kernels' layout;
+    grad_weight in weight_dtype (the dtype of the weight the op was given)."""
+    return _IMPLS[impl][2](channels_last(grad_out), channel_offset, low, kernel_weight, factor, weight_dtype)
 
 
 class _UpsampleMergeFunction(torch.autograd.Function):
-    """Eager-mode autograd of the fused paths; low and the weight are converted once, for both passes."""
+    """Eager-mode autograd of the fused paths; low and the weight are converted once, for both passes (the
+    weight's layout cached across calls until it changes)."""
 
     @staticmethod
     def forward(ctx, low, weight, high, factor, concat, impl):
         kernel_weight, forward, _ = _IMPLS[impl]
-        low, weight = channels_last(low), kernel_weight(weight)
+        weight_dtype = weight.dtype
+        low, weight = channels_last(low), kernel_weight(weight, low.dtype)
         out = forward(low, weight, channels_last(high), factor, concat)
-        _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl)
+        _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight_dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_merge_backward(ctx, grad_out, _saved_input_backward), None, None, None)
+        grads = partial(_saved_input_backward, weight_dtype=ctx.weight_dtype)
+        return (*_merge_backward(ctx, grad_out, grads), None, None, None)
+
+
+_VALIDATED = ValidatedSignatures()  # signatures check_upsample_merge_inputs accepted
+
+
+def _signature(low, weight, high, factor, mode):
+    """Everything check_upsample_merge_inputs reads, as a hashable tuple (factor with its type: 2.0 == 2);
+    None when an argument is not a tensor (the checks then run and say so)."""
+    try:
+        return (tensor_signature(low), tensor_signature(weight), tensor_signature(high), type(factor), factor, mode)
+    except AttributeError:
+        return None
 
 
 def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, factor: int,
                    mode: str = "add") -> torch.Tensor:
     """Upsample `low` by the depthwise transposed conv `weight` and merge it with `high` (see module docstring).
 
-    low (N, C, h, w); weight (C, 1, 2f, 2f); high (N, C, f*h, f*w) for mode "add" -> out = up + high,
+    low (N, C, h, w); weight (C, 1, 2f, 2f) of low's dtype, or float32 with 16-bit low and high (autocast's
+    parameters: the fused paths cast it once per weight version, cached; its gradient is float32 then);
+    high (N, C, f*h, f*w) for mode "add" -> out = up + high,
     (N, Ch, f*h, f*w) for mode "concat" -> out = cat([high, up], dim=1) of shape (N, Ch + C, f*h, f*w).
     The implementation comes from `dla_fast.backend.resolve(low.device, "upsample_merge")`.
     """
-    check_upsample_merge_inputs(low, weight, high, factor, mode)
+    signature = None if torch.compiler.is_compiling() else _signature(low, weight, high, factor, mode)
+    if signature not in _VALIDATED:  # the checks run once per signature
+        check_upsample_merge_inputs(low, weight, high, factor, mode)
+        _VALIDATED.add(signature)
     impl = backend.resolve(low.device, "upsample_merge", low.dtype)
     if impl == "torch":
         return _eager_upsample_merge(low, weight, high, factor, mode)
@@ -475,9 +516,11 @@ def kernel_configurations() -> list:
                     dict(FACTOR=factor, BLOCK_M=64, BLOCK_C=block_c), num_warps=4, label=triton_type(dtype),
                     aligned=_aligned(block_c, "grad_ptr", "low_ptr", "weight_t_ptr", "grad_low_ptr", "partial_ptr",
                                      "C", "grad_row_stride", "grad_channel_offset")))
-            configs.append(make_config(
-                grad_weight_reduce_kernel, dict(partial_ptr="*fp32", grad_weight_ptr=t, n_blocks="i32", C="i32"),
-                dict(TAPS=4 * factor * factor, BLOCK=256), num_warps=4, label=triton_type(dtype)))
+            for grad_weight_type in sorted({t, "*fp32"}):  # fp32: the weight under autocast
+                configs.append(make_config(
+                    grad_weight_reduce_kernel,
+                    dict(partial_ptr="*fp32", grad_weight_ptr=grad_weight_type, n_blocks="i32", C="i32"),
+                    dict(TAPS=4 * factor * factor, BLOCK=256), num_warps=4, label=triton_type(dtype)))
     return configs
 
 

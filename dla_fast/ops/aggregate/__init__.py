@@ -12,7 +12,8 @@ Kernels (Triton, fp32 accumulation, int64 row offsets):
 - `aggregate_fwd_kernel`: the GEMM; its epilogue either applies BN (+residual) + ReLU with given statistics
   (eval) and/or writes the pre-BN output y together with per-tile channel sums and centred sums of squares
   (training), merged by `aggregate_stats_merge_kernel` (Chan's parallel variance, deterministic), in two levels
-  (`aggregate_stats_group_kernel` first) when there are many row tiles.
+  (`aggregate_stats_group_kernel` first) when there are many row tiles; in eager training its program 0 also
+  counts the batch in num_batches_tracked, and the merge folds the statistics into the running ones.
 - training forward then normalizes y with the batch statistics (`bn_apply` of dla_fast.ops.batchnorm_act).
 - `aggregate_grad_input_kernel`: grad of every child = dy @ W_i, where dy (the gradient at y) comes from
   grad_out, the saved output (ReLU mask) and y: computed on the fly when the children fit one column tile (the

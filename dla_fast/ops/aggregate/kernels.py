@@ -33,13 +33,21 @@ def aggregate_fwd_kernel(
     out_ptr, y_ptr,                          # out [M, Cout] (APPLY_BN), pre-BN y [M, Cout] (STORE_PREACT)
     part_sum_ptr, part_m2_ptr,               # per-row-tile channel sums / centred sums of squares [tiles, Cout]
     mean_ptr, var_ptr, gamma_ptr, beta_ptr,  # per-channel fp32 statistics and affine (APPLY_BN)
+    num_batches_ptr,                         # nn.BatchNorm2d's num_batches_tracked (COUNT_BATCH)
     M, Cout, eps,
     NUM_CHILDREN: tl.constexpr, RESIDUAL: tl.constexpr,
     APPLY_BN: tl.constexpr, STORE_PREACT: tl.constexpr, COMPUTE_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COUNT_BATCH: tl.constexpr = False,
 ):
+    """One [BLOCK_M, BLOCK_N] tile of y = [x_0 ... x_n] @ W^T and its epilogue (see the package docstring).
+    COUNT_BATCH: program (0, 0) also adds 1 to num_batches_tracked (training), which the statistics merge kernel,
+    launched after this one, reads for momentum=None: no separate launch counts the batch."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if COUNT_BATCH:
+        if (pid_m == 0) & (pid_n == 0):
+            tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M

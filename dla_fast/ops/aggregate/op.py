@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ... import backend
 from .. import sync_stats
-from ..common import device_guard, fp32_vector
+from ..common import ValidatedSignatures, device_guard, fp32_vector, tensor_signature
 from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 from .kernels import MAX_CHILDREN
 from .launch import _backward_triton, _empty_nhwc, _forward_triton
@@ -234,6 +234,22 @@ def check_inputs(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weig
                          f"the output {cout}")
 
 
+_VALIDATED = ValidatedSignatures()  # signatures check_inputs accepted
+
+
+def _signature(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+               momentum, eps, residual, synchronized):
+    """Everything check_inputs reads (types, shapes, dtypes, devices, flags, eps and momentum with their types),
+    as a hashable tuple; None when an argument is not what the checks expect (they then run and say so)."""
+    try:
+        return (type(children), *[(type(c), c.shape, c.dtype, c.device) for c in children],
+                tensor_signature(weight), tensor_signature(bn_weight), tensor_signature(bn_bias),
+                tensor_signature(running_mean), tensor_signature(running_var), tensor_signature(num_batches_tracked),
+                training, type(momentum), momentum, type(eps), eps, residual, synchronized)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _check_fused(children: Sequence[torch.Tensor], weight: torch.Tensor, impl: str) -> None:
     """What the fused kernels need beyond check_inputs."""
     if weight.shape[-2:] != (1, 1):
@@ -285,8 +301,13 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     backward's reductions are synchronized over the group (dla_fast.ops.sync_stats), otherwise plain BatchNorm.
     """
     group = sync_stats.sync_group(sync, process_group, training)
-    check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
-                 momentum, eps, residual, synchronized=group is not None)
+    signature = None if torch.compiler.is_compiling() else _signature(
+        children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+        residual, group is not None)
+    if signature not in _VALIDATED:  # the checks run once per signature
+        check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                     momentum, eps, residual, synchronized=group is not None)
+        _VALIDATED.add(signature)
     if group is not None:
         return _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, running_var,
                                        num_batches_tracked, momentum, eps, residual, group)
@@ -309,9 +330,7 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
                                  count)
         return out
     running = None
-    if training and running_mean is not None:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
+    if training and running_mean is not None:  # counted and folded in by the kernels
         running = (running_mean, running_var, num_batches_tracked, momentum)
     return _AggregateFunction.apply((eps, residual, batch_stats, save_preact, impl), running, weight, bn_weight,
                                     bn_bias, *given, *children)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ... import backend
-from ..common import channels_last, empty_channels_last, fp32_vector, rows_view
+from ..common import (ValidatedSignatures, channels_last, empty_channels_last, fp32_vector, rows_view,
+                      tensor_signature)
 from .. import sync_stats
 from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 from .blocks import (_bn_apply_impl, _bn_backward_apply_impl, _bn_backward_reduce_impl, _channel_stats_impl,
@@ -298,6 +299,21 @@ def check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked
                          f"must match the input ({tuple(x.shape)}, {x.dtype}, {x.device})")
 
 
+_VALIDATED = ValidatedSignatures()  # signatures check_inputs accepted
+
+
+def _signature(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual,
+               synchronized):
+    """Everything check_inputs reads (types, shapes, dtypes, devices, flags, eps and momentum with their types),
+    as a hashable tuple; None when an argument is not what the checks expect (they then run and say so)."""
+    try:
+        return (type(x), x.shape, x.dtype, x.device, tensor_signature(weight), tensor_signature(bias),
+                tensor_signature(running_mean), tensor_signature(running_var), tensor_signature(num_batches_tracked),
+                tensor_signature(residual), training, type(momentum), momentum, type(eps), eps, synchronized)
+    except AttributeError:
+        return None
+
+
 def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                   num_batches_tracked: Optional[torch.Tensor] = None, training: bool = False,
@@ -314,8 +330,13 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
     backward's reductions are synchronized over the group (dla_fast.ops.sync_stats), otherwise plain BatchNorm.
     """
     group = sync_stats.sync_group(sync, process_group, training)
-    check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual,
-                 synchronized=group is not None)
+    signature = None if torch.compiler.is_compiling() else _signature(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual,
+        group is not None)
+    if signature not in _VALIDATED:  # the checks run once per signature
+        check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                     residual, synchronized=group is not None)
+        _VALIDATED.add(signature)
     if group is not None:
         return _batchnorm_act_synchronized(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                            momentum, eps, residual, relu, group)
