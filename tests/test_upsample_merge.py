@@ -212,6 +212,24 @@ def test_triton_layouts_give_the_same_result(monkeypatch):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=cpu_triton), EXTENSION])
+def test_weight_gradient_takes_the_weights_layout(impl, monkeypatch):
+    """A channels_last (C, 1, 2f, 2f) weight (a model moved to channels_last) gets its gradient in that layout,
+    as autograd's layout contract asks (DistributedDataParallel's buckets warn and copy otherwise); a contiguous
+    weight keeps a contiguous one. The values are those of the contiguous weight."""
+    low, weight, high, grad = make_inputs((2, 5, 3, 3, 4), 2, "add", torch.float32)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = weight.detach().to(memory_format=layout).requires_grad_(True)  # channels_last: (k*k, 1, k, 1)
+        assert layout == torch.contiguous_format or w.stride() != weight.stride()
+        with fused_backend(impl, monkeypatch):
+            (grad_weight,) = torch.autograd.grad(upsample_merge(low, w, high, 2, "add"), [w], grad)
+        assert grad_weight.stride() == w.stride(), (layout, grad_weight.stride(), w.stride())
+        grads.append(grad_weight)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.interpreter
 @cpu_triton
 def test_only_high_needs_grad(monkeypatch):
     """grad_high alone: the backward kernels do not run (their op would fail here) and grad_high is exact."""

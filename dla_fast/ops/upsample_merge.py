@@ -391,10 +391,21 @@ def _(grad_out, channel_offset, low, weight, factor, impl):
             torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
-def _save_for_backward(ctx, low, weight, high_channels, factor, concat, impl, weight_dtype) -> None:
+def _save_for_backward(ctx, low, weight, high_channels, factor, concat, impl, weight_dtype, weight_stride) -> None:
     ctx.save_for_backward(low, weight)
     ctx.factor, ctx.concat, ctx.impl, ctx.high_channels = factor, concat, impl, high_channels
-    ctx.weight_dtype = weight_dtype
+    ctx.weight_dtype, ctx.weight_stride = weight_dtype, weight_stride
+
+
+def _dense_stride(weight: torch.Tensor):
+    """The strides of a weight the kernels' (C, 1, 2f, 2f) gradient should take (autograd's layout contract, which
+    DistributedDataParallel's gradient buckets check: a channels_last weight gets a channels_last gradient), or
+    None for a weight in no dense layout (the contiguous default). Strides of size-1 dims count: a (C, 1, k, k)
+    weight is contiguous in both layouts, and `.to(memory_format=torch.channels_last)` gives it strides
+    (k*k, 1, k, 1) that DDP compares exactly."""
+    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.stride()
+    return None
 
 
 def _merge_backward(ctx, grad_out, low_weight_grads):
@@ -406,13 +417,16 @@ def _merge_backward(ctx, grad_out, low_weight_grads):
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         channel_offset = ctx.high_channels if ctx.concat else 0
         grad_low, grad_weight = low_weight_grads(grad_out, channel_offset, low, weight, ctx.factor, ctx.impl)
+        if ctx.weight_stride is not None and grad_weight.stride() != ctx.weight_stride:
+            grad_weight = torch.empty_strided(grad_weight.shape, ctx.weight_stride, dtype=grad_weight.dtype,
+                                              device=grad_weight.device).copy_(grad_weight)
     grad_high = grad_out[:, :ctx.high_channels] if ctx.concat else grad_out
     return grad_low, grad_weight, grad_high
 
 
 def _setup_context(ctx, inputs, output):
     low, weight, high, factor, concat, impl = inputs
-    _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight.dtype)
+    _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight.dtype, _dense_stride(weight))
 
 
 def _backward(ctx, grad_out):
@@ -435,10 +449,10 @@ class _UpsampleMergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, low, weight, high, factor, concat, impl):
         kernel_weight, forward, _ = _IMPLS[impl]
-        weight_dtype = weight.dtype
+        weight_dtype, weight_stride = weight.dtype, _dense_stride(weight)
         low, weight = channels_last(low), kernel_weight(weight, low.dtype)
         out = forward(low, weight, channels_last(high), factor, concat)
-        _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight_dtype)
+        _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight_dtype, weight_stride)
         return out
 
     @staticmethod
