@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build test-new bench-dcn bench-centernet-dcn bench-training-fused)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build test-new bench-dcn bench-centernet-dcn bench-training-fused test-distributed)
 
 run_stage() {  # run_stage NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS
@@ -84,7 +84,9 @@ for stage in "${STAGES[@]}"; do
     convergence) run_stage convergence 300 $PY benchmarks/convergence.py --json "$OUT/convergence.json" ;;
     test-new) run_stage test-new 200 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
           tests/test_deform_conv.py tests/test_dcn_block.py tests/test_reliability_ops.py tests/test_compile.py \
-          tests/test_cuda_graph_training.py tests/test_accelerate.py tests/test_aggregate.py tests/test_sync_batchnorm.py ;;
+          tests/test_cuda_graph_training.py tests/test_accelerate.py tests/test_aggregate.py ;;
+    test-distributed) run_stage test-distributed 360 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
+          tests/test_sync_batchnorm.py ;;
     bench-dcn) run_stage bench-dcn 150 $PY benchmarks/bench_deform_conv.py --batches 16 --dtypes bf16 \
           --out "$OUT/deform_conv.json" ;;
     bench-centernet-dcn) run_stage bench-centernet-dcn 240 bash -c "B='$PY -m dla_fast bench --model centernet_dla34 \

@@ -79,13 +79,19 @@ def build_dcn_modules() -> torch.nn.Module:
     model = torch.nn.ModuleDict(dict(block=IDAConv(3, 4, deformable=True),
                                      ida=IDAUpAdd(4, [4, 3], [1, 2], deformable=True)))
     g = torch.Generator().manual_seed(17)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "conv_offset_mask"):
-                m.conv_offset_mask.weight.copy_(torch.randn(m.conv_offset_mask.weight.shape, generator=g) * 0.4)
-                m.conv_offset_mask.bias.copy_(torch.randn(27, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    randomize_offsets(model, g)
     return randomize_bn(model, g)
+
+
+@torch.no_grad()
+def randomize_offsets(model: torch.nn.Module, g: torch.Generator) -> None:
+    """Random offset-mask convs (samples moved by a few pixels, fractional: bilinear between pixels) and biases
+    for every deformable conv of `model` (CenterNet initializes the offset-mask convs to zero)."""
+    for m in model.modules():
+        if hasattr(m, "conv_offset_mask"):
+            m.conv_offset_mask.weight.copy_(torch.randn(m.conv_offset_mask.weight.shape, generator=g) * 0.4)
+            m.conv_offset_mask.bias.copy_(torch.randn(27, generator=g))
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
 
 
 def dcn_modules_inputs():
@@ -121,9 +127,11 @@ def build_model(name: str) -> torch.nn.Module:
         from dla_fast.models.dla import Tree
 
         model = Tree(1, BasicBlock, 4, 6, stride=2, root_residual=True)
-    else:  # "centernet" (plain convs) or "centernet_dcn" (deformable convs, default offset-mask init)
+    else:  # "centernet" (plain convs) or "centernet_dcn" (deformable convs, random offset-mask convs)
         model = dla_fast.create_model("centernet_dla34", dcn=name == "centernet_dcn", heads={"hm": 3, "wh": 2},
                                       head_conv=8)
+        if name == "centernet_dcn":
+            randomize_offsets(model, torch.Generator().manual_seed(7))
     return randomize_bn(model, torch.Generator().manual_seed(6))
 
 

@@ -257,14 +257,27 @@ def test_standalone_block_follows_a_sync_batchnorm_conversion_after_accelerate(m
     assert isinstance(model["block"], IDAConv) and isinstance(model["block"].actf[0], nn.SyncBatchNorm)
 
 
-def test_standalone_block_with_a_replaced_normalization_raises():
-    """A normalization replaced after accelerate() by one the block cannot run fused (no BatchNorm): a clear error
-    naming the reason, not a silent fallback."""
-    model = nn.ModuleDict(dict(block=IDAConv(4, 5, deformable=True).train()))
+def test_replaced_normalization_runs_the_children_as_they_are(monkeypatch):
+    """A normalization replaced after accelerate() by one the fused ops cannot take (a GroupNorm here; timm's
+    freeze_batch_norm_2d does this with FrozenBatchNorm2d): the standalone block and the IDA step run their
+    children eagerly, as accelerate() leaves such modules, on every backend; no deformable-conv kernel runs."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(block=IDAConv(4, 5, deformable=True), ida=IDAUpAdd(5, [5, 3], [1, 2],
+                                                                                    deformable=True))).train()
+    reference = copy.deepcopy(model)
     dla_fast.accelerate(model)
-    model["block"].actf[0] = nn.GroupNorm(1, 5)
-    with dla_fast.use_backend("triton"), pytest.raises(ValueError, match="normalization is a GroupNorm"):
-        model["block"](torch.randn(2, 4, 5, 6))
+    for m in (model, reference):
+        m["block"].actf[0] = nn.GroupNorm(1, 5)
+        m["ida"].proj_1.actf[0] = nn.GroupNorm(1, 5)
+        m["ida"].node_1.actf[0] = nn.GroupNorm(1, 5)
+    model.load_state_dict(reference.state_dict())
+    x, coarse = torch.randn(2, 4, 6, 8), torch.randn(2, 3, 3, 4)
+    counter = LaunchCounter(monkeypatch)
+    with dla_fast.use_backend("triton"):
+        out = model["ida"]([model["block"](x), coarse])[-1]
+    expected = reference["ida"]([reference["block"](x), coarse])[-1]
+    assert_close(out, expected, 1e-5, "output")
+    assert not any(name.startswith("deform_conv") for name in counter.names), counter.names
 
 
 def test_block_rejects_bad_inputs_with_clear_errors():

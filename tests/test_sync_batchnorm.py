@@ -47,19 +47,27 @@ def _run_workers(names, interpret: bool) -> dict:
         else:
             env.pop("TRITON_INTERPRET", None)
         port = _free_port()
-        procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "sync_worker.py"), str(rank), "2",
-                                   str(port), out_dir, ",".join(names)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-        logs = []
+        log_paths = [os.path.join(out_dir, f"worker_{rank}.log") for rank in range(2)]  # files: no pipe to fill
+        procs = []
         try:
+            for rank in range(2):
+                with open(log_paths[rank], "w") as log:
+                    procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "sync_worker.py"),
+                                                   str(rank), "2", str(port), out_dir, ",".join(names)], cwd=REPO,
+                                                  env=env, stdout=log, stderr=subprocess.STDOUT))
             for p in procs:
-                logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
+                try:
+                    p.wait(timeout=WORKER_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    break
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        assert all(p.returncode == 0 for p in procs), "a worker failed:\n" + "\n----\n".join(logs)
+        if not all(p.returncode == 0 for p in procs):
+            logs = [open(path).read()[-20000:] for path in log_paths]
+            raise AssertionError("a worker failed or timed out:\n" + "\n----\n".join(logs))
         results = {}
         for name in names:
             results[name] = [torch.load(os.path.join(out_dir, f"{name}_{rank}.pt"), weights_only=False)
@@ -313,8 +321,12 @@ def test_sync_batchnorm_under_ddp_on_gpu():
         assert "triton" in providers, providers
         for dtype in ("fp32", "bf16"):
             floors = (1e-5, 1e-4) if dtype == "fp32" else (0.0, 0.0)
+            vanishing_floor = 1e-5 if dtype == "fp32" else 2 ** -8  # relative to the largest gradient
             eager = results[0][name, "eager", dtype]
             eager_out = torch.cat([r[name, "eager", dtype]["out"] for r in results])
+            # the bounds below are relative to eager's own error: eager itself must be close, or they check nothing
+            sane = 1e-3 if dtype == "fp32" else 5e-2
+            assert rel_err(eager_out, ref_out) <= sane, f"{name}, eager {dtype}: {rel_err(eager_out, ref_out):.3g}"
             for provider in providers:
                 where = f"{name}, {provider}, {dtype}"
                 runs_ = [r[name, provider, dtype] for r in results]
@@ -327,7 +339,7 @@ def test_sync_batchnorm_under_ddp_on_gpu():
                 for n, ref in ref_grads.items():
                     value, eager_value = runs_[0]["grads"][n], eager["grads"][n]
                     if ref.abs().max() <= 1e-6 * scale:  # a conv bias feeding a training BatchNorm: zero but rounding
-                        bound = max(2 * eager_value.abs().max().item(), 1e-5 * scale)
+                        bound = max(2 * eager_value.abs().max().item(), vanishing_floor * scale)
                         assert value.abs().max() <= bound, f"{where}: grad of {n} should vanish"
                     else:
                         check(value, ref, eager_value, floors[1], f"grad of {n}")
@@ -422,8 +434,9 @@ def test_accelerated_tree_under_ddp_inductor(runs):
 def test_sync_batchnorm_accelerated_model_compiled(runs):
     """A DLA-34 (narrow) converted to SyncBatchNorm, accelerated and torch.compile'd (aot_eager): the synchronized
     fused ops break the graph (they run eagerly, by design) and the step equals the uncompiled synchronized one
-    (outputs, gradients summed over the ranks, running statistics on every rank), which the DLA-34 tests above
-    compare with one process on the whole batch."""
+    (outputs, gradients summed over the ranks, running statistics on every rank). The synchronized step itself is
+    compared with one process on the whole batch by the DLA-34 (full width) test above; this narrow model's fp32
+    error is close to the 2x-eager bound there (8.6e-5 against 7.5e-5 in one run), so it is not repeated here."""
     results = runs["sync_batchnorm_compiled"]
     compiled, eager = [r["compiled"] for r in results], [r["eager"] for r in results]
     assert_close(_cat(compiled, "out"), _cat(eager, "out"), 1e-5, "output")

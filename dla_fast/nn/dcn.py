@@ -115,7 +115,8 @@ class FusedDCNBlock(nn.Module):
     def _pair(self):
         """The FoldedDCN of the children as they are now (rebuilt when one was replaced, e.g. by
         convert_sync_batchnorm after accelerate), or None when they can no longer run fused (e.g. a
-        normalization replaced by one that is no BatchNorm)."""
+        normalization replaced by a frozen BatchNorm: the block then runs its children eagerly, as accelerate()
+        would have left such a module)."""
         conv, bn = self.conv, self.actf[0]
         fold = self.__dict__["_fold"]
         if fold is None or fold.conv is not conv or fold.bn is not bn:
@@ -154,9 +155,8 @@ class FusedDCNBlock(nn.Module):
         if backend.resolve(x.device, OP_NAME) == "torch" and not _synchronized(bn):
             return self.original(x)
         fold = self._pair()
-        if fold is None:
-            raise ValueError(f"FusedDCNBlock: its children were replaced by ones it cannot run fused "
-                             f"({dcn_unsupported(self.conv, bn)}); restore() the model first")
+        if fold is None:  # a child replaced after accelerate() by one it cannot fuse (a frozen BatchNorm, ...):
+            return self.actf(self.conv(x))  # IDAConv's own forward on the children as they are now
         if fold_applies(self, [fold], x):
             return fold(x)
         return deform_conv_bn_relu(self.conv, bn, x)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.upsample_merge import upsample_merge
-from .batchnorm import sync_args
+from .batchnorm import batchnorm_unsupported, sync_args
 from .dcn import FoldedDCN, dcn_unsupported, deform_conv_bn_relu
 from .folded import FoldedConvBN, fold_applies, unsupported
 
@@ -93,6 +93,8 @@ class _FusedIDA(nn.Module):
         pair = self.__dict__["_folded"].get(name)
         if fold and pair is not None:
             return pair(x)
+        if pair is None and batchnorm_unsupported(bn):  # replaced after accelerate() (a frozen BatchNorm, ...)
+            return torch.relu(bn(conv(x)))
         if isinstance(pair, FoldedDCN):
             return deform_conv_bn_relu(conv, bn, x)
         return bn_relu(bn, conv(x))
