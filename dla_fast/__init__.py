@@ -9,11 +9,11 @@
 """
 from .backend import BackendUnavailable, available_backends, get_backend, set_backend, use_backend
 from .models import CheckpointMismatch, create_model, list_models, load_checkpoint
-from .nn import CUDAGraphInference, CUDAGraphTraining, accelerate, accelerated_modules, restore
+from .nn import CUDAGraphInference, CUDAGraphTraining, accelerate, accelerated_modules, clear_weight_caches, restore
 from .version import __version__
 
 __all__ = [
     "BackendUnavailable", "CUDAGraphInference", "CUDAGraphTraining", "CheckpointMismatch", "__version__", "accelerate", "accelerated_modules",
-    "available_backends", "create_model", "get_backend", "list_models", "load_checkpoint", "restore",
+    "available_backends", "clear_weight_caches", "create_model", "get_backend", "list_models", "load_checkpoint", "restore",
     "set_backend", "use_backend",
 ]

@@ -245,6 +245,27 @@ def test_training_forward_counts_the_batch_in_its_kernels(momentum, monkeypatch)
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_weight_gradient_takes_the_weights_layout(training):
+    """A channels_last (Cout, K, 1, 1) conv weight (what accelerate()'s channels_last conversion gives: strides
+    (K, 1, K, K)) gets its gradient in that layout (DistributedDataParallel's buckets compare strides exactly:
+    they warn and copy otherwise), through the eager Function and the compiled path's custom op alike (its fake
+    kernel says empty_like(weight)); same values as a contiguous weight."""
+    children = [torch.randn(2, c, 3, 5).contiguous(memory_format=torch.channels_last) for c in (4, 3)]
+    gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
+    weight = torch.randn(6, 7, 1, 1)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = weight.to(memory_format=layout).requires_grad_(True)
+        with dla_fast.use_backend(KERNEL_BACKEND):
+            out = aggregate(children, w, gamma, beta, torch.zeros(6), torch.ones(6), training=training)
+            (grad,) = torch.autograd.grad(out, [w], torch.ones_like(out))
+        assert grad.stride() == w.stride(), (layout, grad.stride(), w.stride())
+        grads.append(grad)
+    assert grads[1].stride() == (7, 1, 7, 7) and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.interpreter
 def test_empty_batch():
     ref, fused, children = _make((6, 7), 6, False, n=0)
     ref.train(), fused.train()

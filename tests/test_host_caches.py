@@ -1,12 +1,17 @@
 """Host-side caches of the fused ops: a cached weight cast is reused until the weight changes, and never used
 where it could go stale (autograd, inference tensors)."""
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 
 import dla_fast
 from dla_fast.ops import aggregate as agg
 from dla_fast.ops.aggregate import launch as aggregate_launch
 from dla_fast.ops.common import cached_derived
+
+from helpers import assert_close, randomize_bn
 
 
 
@@ -251,3 +256,32 @@ def test_aggregate_weight_with_transposed_storage(dtype):
             torch.nn.functional.conv2d(torch.cat(children, 1), weight.to(dtype)).float(), mean, var, gamma, beta,
             False))
         assert error <= 2 * (eager.double() - reference).abs().max().item() / reference.abs().max().item()
+
+
+def test_clear_weight_caches_after_writes_the_version_counter_misses():
+    """A write that keeps the version counter (FSDP2's all-gather does this) is not seen by the caches;
+    dla_fast.clear_weight_caches(model) makes the next call use the new weights: the ops' derived weights and the
+    folded conv + BatchNorm weights of an accelerated model."""
+    weight = torch.randn(6, 5, 1, 1)
+    stale = cached_derived(weight, "half", lambda: weight.half())
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(weight):
+        weight.copy_(torch.randn(6, 5, 1, 1))
+    assert cached_derived(weight, "half", lambda: weight.half()) is stale  # the limitation itself
+    dla_fast.clear_weight_caches()
+    assert torch.equal(cached_derived(weight, "half", lambda: weight.half()), weight.half())
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()))
+    model = randomize_bn(model.eval())
+    reference = copy.deepcopy(model)
+    dla_fast.accelerate(model)
+    assert dla_fast.accelerated_modules(model)
+    x = torch.randn(2, 3, 5, 6)
+    with dla_fast.use_backend("triton"), torch.no_grad():
+        model(x)  # folds and caches
+        for m in (model, reference):
+            conv = m.get_submodule("0.0")
+            with torch.autograd._unsafe_preserve_version_counter(conv.weight):
+                conv.weight.mul_(-2.0)
+        assert not torch.allclose(model(x), reference(x), atol=1e-3)  # stale folded weight
+        dla_fast.clear_weight_caches(model)
+        assert_close(model(x), reference(x), 1e-5, "after clear_weight_caches")

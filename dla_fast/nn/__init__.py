@@ -1,5 +1,5 @@
 """Drop-in fused modules and accelerate(), the one bridge from the models to the kernels."""
-from .accelerate import accelerate, accelerated_modules, restore
+from .accelerate import accelerate, accelerated_modules, clear_weight_caches, restore
 from .cuda_graph import CUDAGraphInference, CUDAGraphTraining
 from .dcn import FusedDCNBlock, FusedDeformConv2d
 from .folded import FoldedBasicBlock, FoldedBottleneck, FoldedConvBNStack
@@ -8,4 +8,4 @@ from .root import FusedRoot
 
 __all__ = ["CUDAGraphInference", "CUDAGraphTraining", "FoldedBasicBlock", "FoldedBottleneck", "FoldedConvBNStack",
            "FusedDCNBlock", "FusedDeformConv2d", "FusedIDAUp", "FusedIDAUpAdd", "FusedRoot", "accelerate",
-           "accelerated_modules", "restore"]
+           "accelerated_modules", "clear_weight_caches", "restore"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..models.centernet import IDAConv, IDAUpAdd, ModulatedDeformConv3x3
+from ..ops.common import clear_derived
 from ..models.dla_up import IDAUp
 from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
@@ -149,3 +150,15 @@ def restore(model: nn.Module) -> nn.Module:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)
     return model
+
+
+def clear_weight_caches(model: Optional[nn.Module] = None) -> None:
+    """Forget every weight dla_fast derived and cached: the ops' weight casts and kernel layouts, and the folded
+    conv + BatchNorm weights of `model`'s accelerated modules; the next calls compute them again. These caches
+    follow PyTorch's version counters, so this is needed only after a write the counters do not see: an edit
+    through `tensor.data`, FSDP2's all-gather into the unsharded parameters, an optimizer step replayed from a
+    CUDA graph."""
+    clear_derived()
+    for module in ([] if model is None else model.modules()):
+        for pair in module.fold_pairs() if hasattr(module, "fold_pairs") else []:
+            pair.clear()

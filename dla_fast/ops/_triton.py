@@ -3,8 +3,7 @@
     from ._triton import triton, tl
 
 With Triton installed these are the real modules. Without it (a machine without Triton wheels) the stand-ins
-let a module define its @triton.jit kernels and use the host helpers (`triton.cdiv`, `triton.next_power_of_2`),
-so models, checkpoints and backend 'torch' keep working; launching a kernel raises
+let a module define its @triton.jit kernels (the launchers' host arithmetic is dla_fast.ops.common's), so models, checkpoints and backend 'torch' keep working; launching a kernel raises
 dla_fast.BackendUnavailable naming the missing package (backend 'triton' already refuses to resolve then:
 dla_fast.backend reports "triton is not importable").
 """
@@ -58,7 +57,7 @@ except ImportError as _error:  # the stand-ins below
             _missing(self._name)
 
     class _Triton:
-        """The host-side part of `triton` the launchers use, plus `jit`."""
+        """`triton` without Triton: `jit` and `language`; anything else is a placeholder."""
 
         language = _Language()
 
@@ -67,14 +66,6 @@ except ImportError as _error:  # the stand-ins below
             if fn is None:
                 return _Kernel
             return _Kernel(fn)
-
-        @staticmethod
-        def cdiv(a: int, b: int) -> int:
-            return -(-a // b)
-
-        @staticmethod
-        def next_power_of_2(n: int) -> int:
-            return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
         def __getattr__(self, name):
             return _Placeholder(f"triton.{name}")

@@ -1,5 +1,7 @@
 """Helpers shared by the fused ops: NHWC row views, channels_last allocation, per-channel fp32 vectors, the
-CUDA device guard of Triton launches, and access to the compiled extension."""
+CUDA device guard of Triton launches, access to the compiled extension, host-side launch arithmetic (`cdiv`,
+`next_power_of_2`), caches of derived weights (`cached_derived`) and of validated argument signatures
+(`ValidatedSignatures`), and parameter-gradient strides (`dense_stride`, `with_stride`)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +17,25 @@ from .. import backend
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """x in channels_last memory format (no copy when it already is)."""
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def dense_stride(param: torch.Tensor) -> Optional[tuple]:
+    """The strides the gradient of `param` should have: param's own when it is dense (contiguous or channels_last;
+    the strides of size-1 dims count: a (Cout, K, 1, 1) weight after `.to(memory_format=torch.channels_last)` has
+    (K, 1, K, K)), else None (any dense layout). Autograd's layout contract ignores size-1 dims, but
+    DistributedDataParallel compares a gradient's strides with its bucket view exactly and warns and copies the
+    gradient every step when they differ."""
+    if param.is_contiguous() or param.is_contiguous(memory_format=torch.channels_last):
+        return param.stride()
+    return None
+
+
+def with_stride(grad: torch.Tensor, stride: Optional[tuple]) -> torch.Tensor:
+    """`grad` with strides `stride` (from dense_stride): itself when they already match or `stride` is None, else
+    a copy."""
+    if stride is None or grad.stride() == stride:
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def rows_view(x: torch.Tensor) -> torch.Tensor:
@@ -101,14 +122,21 @@ def check_channel_vectors(op: str, channels: int, device: torch.device, **vector
 _DERIVED = WeakIdKeyDictionary()
 
 
+def clear_derived() -> None:
+    """Forget every tensor cached by cached_derived (each is made again at its next use)."""
+    _DERIVED.clear()
+
+
 def cached_derived(source: torch.Tensor, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
     """`make()` (a tensor computed from `source` alone: a weight cast to the activations' dtype, a weight in a
     kernel's layout), cached per (source, key) and made again once `source` changed in place (its version
     counter), moved, or was freed. Not cached (made every call) while torch.compile traces, while a CUDA graph
     is being captured (the graph must compute it, so that replays see later weight updates), for inference
     tensors (no version counter), or for a source that requires grad while grad mode is on (the result must
-    stay in the autograd graph). Made under inference_mode, the cached tensor is still a normal tensor. Like
-    PyTorch's own caches, it cannot see edits through `tensor.data`."""
+    stay in the autograd graph). Made under inference_mode, the cached tensor is still a normal tensor. It
+    cannot see writes that leave the version counter and storage as they were: edits through `tensor.data`,
+    FSDP2's all-gather into the unsharded parameters (under `_unsafe_preserve_version_counter`), an optimizer
+    step replayed from a CUDA graph; after one, `clear_derived()` (dla_fast.clear_weight_caches)."""
     if (torch.compiler.is_compiling() or source.is_inference() or (source.requires_grad and torch.is_grad_enabled())
             or (source.is_cuda and torch.cuda.is_current_stream_capturing())):
         return make()

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from .. import backend
 from ._triton import tl, triton
-from .common import (ValidatedSignatures, cached_derived, cdiv, channels_last, device_guard, extension_ops,
-                     next_power_of_2, tensor_signature)
+from .common import (ValidatedSignatures, cached_derived, cdiv, channels_last, dense_stride, device_guard,
+                     extension_ops, next_power_of_2, tensor_signature, with_stride)
 
 __all__ = ["MODES", "upsample_merge", "upsample_merge_reference", "check_upsample_merge_inputs"]
 
@@ -284,8 +284,9 @@ def _output_for(low: torch.Tensor, high: torch.Tensor, factor: int, concat: bool
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Implementations. Each takes low / high / grad_out channels_last and the weight in the layout its kernels
-# read (`_IMPLS[impl][0](weight)`), so that the eager autograd.Function converts them once for both passes.
+# Implementations. Each takes low / high / grad_out channels_last and the weight in the layout and dtype its
+# kernels read (`_IMPLS[impl][0](weight, activation dtype)`), so that the eager autograd.Function converts them
+# once for both passes; the backwards also take the dtype of the weight the op was given (its gradient's).
 # ----------------------------------------------------------------------------------------------------------
 
 def _triton_forward(low: torch.Tensor, weight_t: torch.Tensor, high: torch.Tensor, factor: int,
@@ -397,17 +398,6 @@ def _save_for_backward(ctx, low, weight, high_channels, factor, concat, impl, we
     ctx.weight_dtype, ctx.weight_stride = weight_dtype, weight_stride
 
 
-def _dense_stride(weight: torch.Tensor):
-    """The strides of a weight the kernels' (C, 1, 2f, 2f) gradient should take (autograd's layout contract, which
-    DistributedDataParallel's gradient buckets check: a channels_last weight gets a channels_last gradient), or
-    None for a weight in no dense layout (the contiguous default). Strides of size-1 dims count: a (C, 1, k, k)
-    weight is contiguous in both layouts, and `.to(memory_format=torch.channels_last)` gives it strides
-    (k*k, 1, k, 1) that DDP compares exactly."""
-    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
-        return weight.stride()
-    return None
-
-
 def _merge_backward(ctx, grad_out, low_weight_grads):
     """(grad_low, grad_weight, grad_high); `low_weight_grads(grad_out, channel_offset, low, weight, factor, impl)`
     computes the first two from the saved (low, weight), and runs only when one of them is needed (grad_weight
@@ -417,16 +407,15 @@ def _merge_backward(ctx, grad_out, low_weight_grads):
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         channel_offset = ctx.high_channels if ctx.concat else 0
         grad_low, grad_weight = low_weight_grads(grad_out, channel_offset, low, weight, ctx.factor, ctx.impl)
-        if ctx.weight_stride is not None and grad_weight.stride() != ctx.weight_stride:
-            grad_weight = torch.empty_strided(grad_weight.shape, ctx.weight_stride, dtype=grad_weight.dtype,
-                                              device=grad_weight.device).copy_(grad_weight)
+        grad_weight = with_stride(grad_weight, ctx.weight_stride) if ctx.needs_input_grad[1] else None
+        grad_low = grad_low if ctx.needs_input_grad[0] else None
     grad_high = grad_out[:, :ctx.high_channels] if ctx.concat else grad_out
     return grad_low, grad_weight, grad_high
 
 
 def _setup_context(ctx, inputs, output):
     low, weight, high, factor, concat, impl = inputs
-    _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight.dtype, _dense_stride(weight))
+    _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight.dtype, dense_stride(weight))
 
 
 def _backward(ctx, grad_out):
@@ -449,7 +438,7 @@ class _UpsampleMergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, low, weight, high, factor, concat, impl):
         kernel_weight, forward, _ = _IMPLS[impl]
-        weight_dtype, weight_stride = weight.dtype, _dense_stride(weight)
+        weight_dtype, weight_stride = weight.dtype, dense_stride(weight)
         low, weight = channels_last(low), kernel_weight(weight, low.dtype)
         out = forward(low, weight, channels_last(high), factor, concat)
         _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight_dtype, weight_stride)

@@ -11,7 +11,8 @@ import torch
 from ... import backend
 from ..batchnorm_act import bn_apply, bn_backward_reduce
 from .. import sync_stats
-from ..common import cached_derived, cdiv, empty_channels_last, next_power_of_2, nhwc_rows, num_sms, rows_view
+from ..common import (cached_derived, cdiv, dense_stride, empty_channels_last, next_power_of_2, nhwc_rows, num_sms,
+                      rows_view, with_stride)
 from .kernels import (MAX_CHILDREN, aggregate_dy_kernel, aggregate_fwd_kernel, aggregate_grad_input_kernel,
                       aggregate_grad_weight_kernel, aggregate_stats_group_kernel, aggregate_stats_merge_kernel)
 
@@ -141,9 +142,9 @@ def _forward_triton(children, weight, bn_weight, bn_bias, mean, var, eps, residu
     """The fused forward. Returns (out, pre-BN y or an empty tensor, batch mean, batch biased var); out and y
     are channels_last (N, Cout, H, W), the statistics fp32 [Cout] (empty when normalizing with mean/var).
 
-    running: (running_mean, running_var, num_batches_tracked or None, momentum) to update, or None: the GEMM
-    kernel counts the batch in num_batches_tracked, the statistics merge kernel folds it into the running
-    statistics (an empty batch is counted and leaves them alone, as nn.BatchNorm2d).
+    running: None (nothing to update), or (running_mean, running_var, num_batches_tracked or None, momentum) to
+    update: the GEMM kernel counts the batch in num_batches_tracked, the statistics merge kernel folds it into
+    the running statistics (an empty batch is counted and leaves them alone, as nn.BatchNorm2d).
     merge_stats: None, or a function (mean, var, rows) -> (mean, var) that replaces this batch's statistics
     before the normalize pass, also called for an empty batch (synchronized BatchNorm; running is then None).
     """
@@ -265,7 +266,8 @@ def _backward_triton(grad_out, out, preact, children, weight, bn_weight, mean, v
         *ptrs, *counts, dy_rows, partial, m, cout, k_total, rows_per_split,
         NUM_CHILDREN=len(children), BLOCK_CO=block_wco, BLOCK_C=block_wc, BLOCK_M=block_wm,
         DOT_PRECISION=precision, **_launch_options(block_wco * block_wc, device))
-    grad_weight = (partial[0] if splits == 1 else partial.sum(0)).view_as(weight).to(weight.dtype)
+    grad_weight = (partial[0] if splits == 1 else partial.sum(0)).view(weight.shape).to(weight.dtype)
+    grad_weight = with_stride(grad_weight, dense_stride(weight))  # a channels_last weight: (K, 1, K, K)
     return list(grads), grad_weight, sum_gx, sum_g
 
 

@@ -64,7 +64,8 @@ def _run_backward(ctx, grad_out, backward):
 
 
 class _AggregateFunction(torch.autograd.Function):
-    """Eager-mode autograd for the fused node; updates the running statistics in its statistics kernel."""
+    """Eager-mode autograd for the fused node; its kernels update the running statistics (the GEMM kernel counts
+    the batch, the statistics merge folds it in)."""
 
     @staticmethod
     def forward(ctx, config, running, weight, bn_weight, bn_bias, mean, var, *children):
