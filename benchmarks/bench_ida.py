@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", choices=dla_fast.backend.BACKENDS,
                         help="kernels of the dla_fast provider (auto: the fused ones on a GPU, eager on the CPU)")
     parser.add_argument("--scale", type=int, default=1, help="divide the image sides (a CPU smoke run: --scale 8)")
+    parser.add_argument("--cpu-iters", type=int, default=20, help="timed calls per case on the CPU (a smoke run: 3)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = default_device()
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             step = make_step(provider, net, batch, DTYPES[dt], mode, device, args.scale)
             record = bench_op("ida_up_path", provider, mode, dt, dict(net=net, levels=step.shapes), step, device,
                               baseline=provider in BASELINES, grad_to_none=step.params if mode == "training" else None,
-                              extra=dict(net=net, batch=batch))
+                              extra=dict(net=net, batch=batch), cpu_iters=args.cpu_iters)
         records.append(record)
         tqdm.write(f"{net:14s} b{batch:<3d} {dt} {mode:9s} {provider:9s} {record.ms_p50:8.3f} ms")
     save_records(records, args.out, device, "ida.json")
