@@ -143,6 +143,32 @@ def test_empty_batch(impl):
         assert g.shape == tensors[name].shape and not g.abs().sum(), name
 
 
+@pytest.mark.interpreter
+def test_input_gradient_follows_deterministic_algorithms_mode():
+    """The input gradient is summed by atomics (not deterministic on a GPU): under
+    torch.use_deterministic_algorithms(True) asking for it raises as PyTorch's own nondeterministic kernels do
+    (warn_only=True: a warning); the other gradients (no atomics) still run."""
+    x, om, weight, bias = _offset_mask_case(b=1, cin=3, h=4, w=5, cout=4)
+    x.requires_grad_(True)
+    om.requires_grad_(True)
+    offset, mask = om[:, :18].detach(), torch.sigmoid(om[:, 18:]).detach()
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with dla_fast.use_backend(KERNEL_BACKEND):
+            torch.use_deterministic_algorithms(True)
+            with pytest.raises(RuntimeError, match="deform_conv2d backward.*deterministic"):
+                deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask).sum().backward()
+            offset.requires_grad_(True)
+            deform_conv2d(x.detach(), offset, weight, bias, 1, 1, 1, mask).sum().backward()
+            assert offset.grad is not None
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            with pytest.warns(UserWarning, match="deform_conv2d backward"):
+                deform_conv2d(x, offset.detach(), weight, bias, 1, 1, 1, mask).sum().backward()
+            assert x.grad is not None
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
 def _offset_mask_case(b=2, cin=7, h=6, w=5, cout=9, groups=1):
     """CenterNet's DCN layer inputs: om from conv_offset_mask, [B, 3*G*9, Ho, Wo] (3x3, stride 1, pad 1)."""
     x = torch.randn(b, cin, h, w, device=DEVICE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -17,6 +18,19 @@ from .. import backend
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """x in channels_last memory format (no copy when it already is)."""
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def alert_not_deterministic(caller: str) -> None:
+    """What PyTorch's own nondeterministic kernels do under `torch.use_deterministic_algorithms(True)`: raise a
+    RuntimeError naming `caller` (warn instead with warn_only=True); nothing otherwise."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{caller} does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True)'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message + " (warn_only=True makes this a warning)")
 
 
 def dense_stride(param: torch.Tensor) -> Optional[tuple]:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..aggregate import aggregate_stats_merge_kernel
-from ..common import cdiv, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
+from ..common import alert_not_deterministic, cdiv, empty_channels_last, fp32_vector, nhwc_rows, num_sms, rows_view
 from .kernels import deform_conv_fwd_kernel, deform_conv_grad_sample_kernel, deform_conv_grad_weight_kernel
 
 MASK_NONE, MASK_GIVEN, MASK_SIGMOID = 0, 1, 2
@@ -176,6 +176,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
     if need_input or need_offset:
         gmask = None
         if need_input:
+            alert_not_deterministic("dla_fast deform_conv2d backward (the input gradient is summed by atomics)")
             grad_input32 = torch.zeros_like(input, dtype=torch.float32, memory_format=torch.channels_last)
         if need_offset:
             grad_offset = torch.empty(offset.shape, dtype=offset.dtype, device=device)
