@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from ..models.centernet import IDAConv, IDAUpAdd, ModulatedDeformConv3x3
-from ..ops.common import clear_derived
 from ..models.dla_up import IDAUp
+from ..ops.common import clear_derived
 from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
