@@ -4,8 +4,9 @@
 
 With Triton installed these are the real modules. Without it (a machine without Triton wheels) the stand-ins
 let a module define its @triton.jit kernels (the launchers' host arithmetic is dla_fast.ops.common's), so models,
-checkpoints and backend 'torch' keep working; launching a kernel raises dla_fast.BackendUnavailable naming the missing package (backend 'triton' already refuses to resolve then:
-dla_fast.backend reports "triton is not importable").
+checkpoints and backend 'torch' keep working; launching a kernel raises dla_fast.BackendUnavailable naming the
+missing package (backend 'triton' already refuses to resolve then: dla_fast.backend reports "triton is not
+importable").
 """
 from __future__ import annotations
 
