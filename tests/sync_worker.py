@@ -11,6 +11,7 @@ batch. Also imported by the test for those shared builders.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 import time
@@ -372,6 +373,38 @@ def scenario_sync_batchnorm_compiled(rank):
                 eager=_model_step(rank, "dla34_narrow", convert_first=True))
 
 
+def ddp_micro_batches(rank):
+    """([micro-batch 0, micro-batch 1] of this rank (2 images each, channels_last), output-gradient seed) of the DDP
+    scenarios."""
+    x, seed = model_batch()
+    micro = [rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)]
+    return micro + [micro[0].flip(0)], seed
+
+
+def parameter_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def ddp_step(model, inputs, step_seed, rank):
+    """Forward and backward of one DDP-scenario step (model_loss on the (2, 2) split); returns the output."""
+    out = model(inputs)
+    model_loss(out, step_seed, rank, (2, 2)).backward()
+    return out
+
+
+def two_sgd_steps(wrapped, model, micro, seed, rank):
+    """(gradients of step 1, of step 2): `wrapped` (DDP / compiled `model`) on micro-batch 0, an SGD update of
+    `model` (lr 0.1, applied by hand), then micro-batch 1."""
+    ddp_step(wrapped, micro[0], seed, rank)
+    first = parameter_grads(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+            p.grad = None
+    ddp_step(wrapped, micro[1], seed + 1, rank)
+    return first, parameter_grads(model)
+
+
 def scenario_ddp(rank):
     """Accelerated DLA-34s (narrow: DDP's semantics do not depend on the widths) with plain BatchNorm2d under
     DistributedDataParallel, 4 KB gradient buckets: one with static_graph=True for two SGD iterations, one
@@ -381,17 +414,9 @@ def scenario_ddp(rank):
     import dla_fast
     from torch.nn.parallel import DistributedDataParallel
 
-    x, seed = model_batch()
-    micro = [rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)]
-    micro.append(micro[0].flip(0))
-
-    def grads(model):
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    def step(model, inputs, step_seed):
-        out = model(inputs)
-        model_loss(out, step_seed, rank, (2, 2)).backward()
-        return out
+    micro, seed = ddp_micro_batches(rank)
+    grads = parameter_grads
+    step = functools.partial(ddp_step, rank=rank)
 
     static_model, accumulating_model, local_model = (dla_fast.accelerate(build_model("dla34_narrow").train())
                                                      for _ in range(3))
@@ -399,14 +424,7 @@ def scenario_ddp(rank):
     accumulating = DistributedDataParallel(accumulating_model, bucket_cap_mb=0.004)
     results = {}
     with dla_fast.use_backend("triton"):
-        step(static, micro[0], seed)
-        results["static_step1"] = grads(static_model)
-        with torch.no_grad():
-            for p in static_model.parameters():
-                p -= 0.1 * p.grad
-                p.grad = None
-        step(static, micro[1], seed + 1)
-        results["static_step2"] = grads(static_model)
+        results["static_step1"], results["static_step2"] = two_sgd_steps(static, static_model, micro, seed, rank)
 
         step(accumulating, micro[1], seed + 1)  # a first synced iteration: DDP then rebuilds its buckets
         for p in accumulating_model.parameters():
@@ -445,17 +463,9 @@ def scenario_ddp_compiled(rank):
     import dla_fast
     from torch.nn.parallel import DistributedDataParallel
 
-    x, seed = model_batch()
-    micro = [rank_rows(x, rank, (2, 2)).contiguous(memory_format=torch.channels_last)]
-    micro.append(micro[0].flip(0))
-
-    def grads(model):
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    def step(model, inputs, step_seed):
-        out = model(inputs)
-        model_loss(out, step_seed, rank, (2, 2)).backward()
-        return out
+    micro, seed = ddp_micro_batches(rank)
+    grads = parameter_grads
+    step = functools.partial(ddp_step, rank=rank)
 
     outer_model, inner_model = (dla_fast.accelerate(build_model("dla34_narrow").train()) for _ in range(2))
     outer_recorder, inner_recorder = GraphRecorder(), GraphRecorder()
@@ -478,14 +488,7 @@ def scenario_ddp_compiled(rank):
         results["accumulated"] = grads(outer_model)
         results["outer_kernels"] = _launched()
 
-        step(inner, micro[0], seed)
-        results["static_step1"] = grads(inner_model)
-        with torch.no_grad():
-            for p in inner_model.parameters():
-                p -= 0.1 * p.grad
-                p.grad = None
-        step(inner, micro[1], seed + 1)
-        results["static_step2"] = grads(inner_model)
+        results["static_step1"], results["static_step2"] = two_sgd_steps(inner, inner_model, micro, seed, rank)
         results["inner_kernels"] = _launched()
     results["outer_graph_ops"], results["inner_graph_ops"] = outer_recorder.graph_ops, inner_recorder.graph_ops
     return results
