@@ -271,13 +271,7 @@ def scenario_dcn(rank):
     coarse = rank_rows(coarse, rank).contiguous(memory_format=torch.channels_last)
     for case, backend_name, convert_first in (("before", "triton", True), ("after", "triton", False),
                                               ("torch", "torch", True)):
-        model = build_dcn_modules().train()
-        if convert_first:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            dla_fast.accelerate(model)
-        else:
-            dla_fast.accelerate(model)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = accelerated_sync_batchnorm(build_dcn_modules().train(), convert_first)
         fused = tuple(type(model[name]).__name__ for name in ("block", "ida"))
         x.grad = None
         with dla_fast.use_backend(backend_name):
@@ -329,16 +323,19 @@ class GraphRecorder:
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
 
+def accelerated_sync_batchnorm(model, convert_first: bool):
+    """`model` converted to nn.SyncBatchNorm and accelerated, the conversion before accelerate() or after it."""
+    import dla_fast
+
+    if convert_first:
+        return dla_fast.accelerate(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(dla_fast.accelerate(model))
+
+
 def _model_step(rank, name, convert_first, compiled=False):
     import dla_fast
 
-    model = build_model(name).train()
-    if convert_first:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        dla_fast.accelerate(model)
-    else:
-        dla_fast.accelerate(model)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = accelerated_sync_batchnorm(build_model(name).train(), convert_first)
     recorder = GraphRecorder()
     run = torch.compile(model, backend=recorder) if compiled else model
     x, seed = model_batch()
@@ -405,6 +402,18 @@ def two_sgd_steps(wrapped, model, micro, seed, rank):
     return first, parameter_grads(model)
 
 
+def accumulate_two_micro_batches(ddp, wrapped, model, micro, seed, rank):
+    """(gradients after micro-batch 0 under ddp.no_sync(), after micro-batch 1 synced), from zero gradients;
+    `wrapped` is `ddp` itself or the compiled DDP module around `model`."""
+    for p in model.parameters():
+        p.grad = None
+    with ddp.no_sync():
+        ddp_step(wrapped, micro[0], seed, rank)
+    local = parameter_grads(model)
+    ddp_step(wrapped, micro[1], seed + 1, rank)
+    return local, parameter_grads(model)
+
+
 def scenario_ddp(rank):
     """Accelerated DLA-34s (narrow: DDP's semantics do not depend on the widths) with plain BatchNorm2d under
     DistributedDataParallel, 4 KB gradient buckets: one with static_graph=True for two SGD iterations, one
@@ -427,13 +436,8 @@ def scenario_ddp(rank):
         results["static_step1"], results["static_step2"] = two_sgd_steps(static, static_model, micro, seed, rank)
 
         step(accumulating, micro[1], seed + 1)  # a first synced iteration: DDP then rebuilds its buckets
-        for p in accumulating_model.parameters():
-            p.grad = None
-        with accumulating.no_sync():
-            step(accumulating, micro[0], seed)
-        results["no_sync"] = grads(accumulating_model)
-        step(accumulating, micro[1], seed + 1)
-        results["accumulated"] = grads(accumulating_model)
+        results["no_sync"], results["accumulated"] = accumulate_two_micro_batches(
+            accumulating, accumulating, accumulating_model, micro, seed, rank)
 
         results["local_a_out"] = flat_outputs(step(local_model, micro[0], seed))
         results["local_a"] = grads(local_model)
@@ -479,13 +483,8 @@ def scenario_ddp_compiled(rank):
         results["outer_out"] = flat_outputs(step(outer, micro[0], seed))
         results["outer_step1"] = grads(outer_model)
         results["outer_buffers"] = {n: b.clone() for n, b in outer_model.named_buffers()}
-        for p in outer_model.parameters():
-            p.grad = None
-        with outer_ddp.no_sync():
-            step(outer, micro[0], seed)
-        results["no_sync"] = grads(outer_model)
-        step(outer, micro[1], seed + 1)
-        results["accumulated"] = grads(outer_model)
+        results["no_sync"], results["accumulated"] = accumulate_two_micro_batches(outer_ddp, outer, outer_model,
+                                                                                  micro, seed, rank)
         results["outer_kernels"] = _launched()
 
         results["static_step1"], results["static_step2"] = two_sgd_steps(inner, inner_model, micro, seed, rank)

@@ -191,6 +191,12 @@ class ValidatedSignatures:
         except TypeError:  # an unhashable argument: the checks run (and name it)
             return False
 
+    def check_once(self, signature, check: Callable[[], None]) -> None:
+        """Run `check` (it raises for bad arguments) unless `signature` passed it before; None always runs it."""
+        if signature not in self:
+            check()
+            self.add(signature)
+
     def add(self, signature) -> None:
         if signature is None:
             return

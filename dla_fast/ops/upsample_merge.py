@@ -473,9 +473,7 @@ def upsample_merge(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, 
     The implementation comes from `dla_fast.backend.resolve(low.device, "upsample_merge")`.
     """
     signature = None if torch.compiler.is_compiling() else _signature(low, weight, high, factor, mode)
-    if signature not in _VALIDATED:  # the checks run once per signature
-        check_upsample_merge_inputs(low, weight, high, factor, mode)
-        _VALIDATED.add(signature)
+    _VALIDATED.check_once(signature, lambda: check_upsample_merge_inputs(low, weight, high, factor, mode))
     impl = backend.resolve(low.device, "upsample_merge", low.dtype)
     if impl == "torch":
         return _eager_upsample_merge(low, weight, high, factor, mode)

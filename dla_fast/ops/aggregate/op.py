@@ -305,10 +305,9 @@ def aggregate(children: Sequence[torch.Tensor], weight: torch.Tensor, bn_weight:
     signature = None if torch.compiler.is_compiling() else _signature(
         children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
         residual, group is not None)
-    if signature not in _VALIDATED:  # the checks run once per signature
-        check_inputs(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
-                     momentum, eps, residual, synchronized=group is not None)
-        _VALIDATED.add(signature)
+    _VALIDATED.check_once(signature, lambda: check_inputs(
+        children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+        residual, synchronized=group is not None))
     if group is not None:
         return _aggregate_synchronized(children, weight, bn_weight, bn_bias, running_mean, running_var,
                                        num_batches_tracked, momentum, eps, residual, group)

@@ -85,6 +85,18 @@ def bn_apply(y2d, mean, var, weight, bias, eps, residual2d=None, relu=True, *, i
     return out
 
 
+def _check_backward_rows(op: str, grad_out2d, out2d, y2d, relu: bool, impl: str) -> None:
+    """The backward building blocks' common arguments: impl, y2d and grad_out2d rows alike, and with relu the
+    saved output out2d (the ReLU mask)."""
+    _check_impl(impl)
+    _check_rows(y2d, "y2d")
+    _check_rows(grad_out2d, "grad_out2d", like=y2d)
+    if relu:
+        if out2d is None:
+            raise ValueError(f"{op}: relu=True needs out2d (the ReLU mask)")
+        _check_rows(out2d, "out2d", like=y2d)
+
+
 def bn_backward_reduce(grad_out2d, out2d, y2d, mean, var, eps, relu, *, impl: str, out=None):
     """(sum_g, sum_g_xhat), fp32 [C]: per-channel sums over the rows of g and g * xhat.
 
@@ -92,13 +104,7 @@ def bn_backward_reduce(grad_out2d, out2d, y2d, mean, var, eps, relu, *, impl: st
     xhat = (y2d - mean) * rsqrt(var + eps). These are also grad_bias and grad_weight.
     out: optional (sum_g, sum_g_xhat) tensors to write into.
     """
-    _check_impl(impl)
-    _check_rows(y2d, "y2d")
-    _check_rows(grad_out2d, "grad_out2d", like=y2d)
-    if relu:
-        if out2d is None:
-            raise ValueError("bn_backward_reduce: relu=True needs out2d (the ReLU mask)")
-        _check_rows(out2d, "out2d", like=y2d)
+    _check_backward_rows("bn_backward_reduce", grad_out2d, out2d, y2d, relu, impl)
     c = y2d.shape[1]
     sum_g, sum_g_xhat = out if out is not None else (y2d.new_empty(c, dtype=torch.float32),
                                                      y2d.new_empty(c, dtype=torch.float32))
@@ -116,13 +122,7 @@ def bn_backward_apply(grad_out2d, out2d, y2d, mean, var, weight, eps, relu, sum_
     without them (constant running statistics, eval): grad_y = weight * rsqrt(var + eps) * g.
     out: optional (grad_y2d, grad_residual2d or None) tensors to write into.
     """
-    _check_impl(impl)
-    _check_rows(y2d, "y2d")
-    _check_rows(grad_out2d, "grad_out2d", like=y2d)
-    if relu:
-        if out2d is None:
-            raise ValueError("bn_backward_apply: relu=True needs out2d (the ReLU mask)")
-        _check_rows(out2d, "out2d", like=y2d)
+    _check_backward_rows("bn_backward_apply", grad_out2d, out2d, y2d, relu, impl)
     if (sum_g is None) != (sum_g_xhat is None):
         raise ValueError("bn_backward_apply: give both sum_g and sum_g_xhat (batch statistics) or neither")
     if out is not None:

@@ -333,10 +333,9 @@ def batchnorm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
     signature = None if torch.compiler.is_compiling() else _signature(
         x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual,
         group is not None)
-    if signature not in _VALIDATED:  # the checks run once per signature
-        check_inputs(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
-                     residual, synchronized=group is not None)
-        _VALIDATED.add(signature)
+    _VALIDATED.check_once(signature, lambda: check_inputs(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, residual,
+        synchronized=group is not None))
     if group is not None:
         return _batchnorm_act_synchronized(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                            momentum, eps, residual, relu, group)
