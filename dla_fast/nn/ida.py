@@ -86,7 +86,7 @@ class _FusedIDA(nn.Module):
     def _folds(self, layers: Sequence[torch.Tensor]) -> bool:
         """Whether this call runs the plain conv + BN + ReLU steps folded (eval, no gradients)."""
         pairs = self.fold_pairs()
-        return bool(pairs) and fold_applies(self, pairs, *layers)
+        return len(pairs) > 0 and fold_applies(self, pairs, *layers)  # not bool(list): dynamo 2.11 cannot trace it
 
     def _conv_bn_relu(self, name: str, conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
                       fold: bool) -> torch.Tensor:

@@ -32,12 +32,13 @@ TILE_OVERRIDES: dict = {}
 
 def fwd_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of deform_conv_fwd_kernel. The gathered A tile (four corner loads per
-    element) competes with the accumulator for registers: a 128-wide N tile takes K chunks of 16."""
+    element) competes with the accumulator for registers: a 128-wide N tile takes 64 rows, 8 warps and K chunks
+    of 16 (128 x 128 x 16 spills on sm_90 under Triton 3.6, even with 8 warps; launch_options)."""
     if "fwd" in TILE_OVERRIDES:
         return TILE_OVERRIDES["fwd"]
     if dtype == torch.float32:  # fp32 operands take twice the registers (IEEE dots: FMA tiles)
         return 128, 64, 16
-    return (128, 64, 32) if cout <= 64 else (128, 128, 16)
+    return (128, 64, 32) if cout <= 64 else (64, 128, 16)
 
 
 def grad_sample_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[int, int, int]:
@@ -58,14 +59,19 @@ def grad_weight_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) ->
     return 64 if channels_per_group > 32 and block_co == 64 else 32, block_co, 64
 
 
-def launch_options(kernel: str, tiles: Tuple[int, int, int]) -> dict:
-    """num_warps / num_stages of a kernel's tile choice (ignored by the interpreter), the largest that compile
-    for sm_90 without register spills (benchmarks/NOTES.md-style table in the branch report)."""
-    return dict(num_warps=4 if kernel == "fwd" else 8, num_stages=2)
+def launch_options(kernel: str, tiles: Tuple[int, int, int], dtype: torch.dtype) -> dict:
+    """num_warps / num_stages of a kernel's tile choice (ignored by the interpreter): ones that compile for sm_90
+    without register spills under Triton 3.6 and 3.8 (tests/test_aot_sm90.py; benchmarks/NOTES.md). The fp32
+    forward is not pipelined: with num_stages=2 Triton 3.6 spills 536-1064 B per thread in it, at any tile."""
+    if kernel == "fwd":
+        if dtype == torch.float32:
+            return dict(num_warps=4, num_stages=1)
+        return dict(num_warps=8 if tiles[1] == 128 else 4, num_stages=2)
+    return dict(num_warps=8, num_stages=2)
 
 
-def _grid_options(device: torch.device, kernel: str, tiles: Tuple[int, int, int]) -> dict:
-    return launch_options(kernel, tiles) if device.type == "cuda" else {}
+def _grid_options(device: torch.device, kernel: str, tiles: Tuple[int, int, int], dtype: torch.dtype) -> dict:
+    return launch_options(kernel, tiles, dtype) if device.type == "cuda" else {}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def forward_triton(input: torch.Tensor, offset: torch.Tensor, mask: Optional[tor
         rows_view(out), part_sum, part_m2, *geo.sizes(), *geo.offset_mask_strides(), *geo.conv,
         mask_mode, int(bias is not None), int(scale is not None), int(relu), int(stats),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=dot_precision(dtype),
-        **_grid_options(device, "fwd", (block_m, block_n, block_k)))
+        **_grid_options(device, "fwd", (block_m, block_n, block_k), dtype))
     if not stats:
         return out, torch.empty(0, **f32), torch.empty(0, **f32)
     mean = torch.empty(geo.cout, **f32)
@@ -195,7 +201,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
             *geo.sizes(), *geo.offset_mask_strides(), *goff_strides, *gmask_strides, *geo.conv,
             mask_mode, int(need_input), int(need_offset),
             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co, DOT_PRECISION=precision,
-            **_grid_options(device, "grad_sample", (block_m, block_c, block_co)))
+            **_grid_options(device, "grad_sample", (block_m, block_c, block_co), dtype))
         if need_input:
             grad_input = grad_input32.to(dtype)
     if need_weight:
@@ -210,7 +216,7 @@ def backward_triton(grad_out: torch.Tensor, input: torch.Tensor, offset: torch.T
             x_rows, geo.offset, geo.mask_or_offset(), g_rows, partial, *geo.sizes(), rows_per_split,
             *geo.offset_mask_strides(), *geo.conv, mask_mode,
             BLOCK_C=block_c, BLOCK_CO=block_co, BLOCK_M=block_m, DOT_PRECISION=precision,
-            **_grid_options(device, "grad_weight", (block_c, block_co, block_m)))
+            **_grid_options(device, "grad_weight", (block_c, block_co, block_m), dtype))
         packed = partial[0] if splits == 1 else partial.sum(0)
         kh = geo.taps // geo.kw
         grad_weight = packed.view(kh, geo.kw, geo.cin, geo.cout).permute(3, 2, 0, 1).to(weight.dtype).contiguous()
@@ -258,7 +264,7 @@ def kernel_configurations() -> list:
                     configs[("fwd", t, precision, bm, bn, bk)] = KernelConfig(
                         f"deform_conv_fwd_kernel[{t},BLOCK_M={bm},BLOCK_N={bn},BLOCK_K={bk},{precision}]",
                         deform_conv_fwd_kernel, _signature(pointers, ints, constexprs), constexprs,
-                        needs_wgmma=dtype != torch.float32, **launch_options("fwd", (bm, bn, bk)))
+                        needs_wgmma=dtype != torch.float32, **launch_options("fwd", (bm, bn, bk), dtype))
 
                     bm, bc, bco = grad_sample_tiles(cg, cout, dtype)
                     constexprs = dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_CO=bco, DOT_PRECISION=precision)
@@ -270,7 +276,7 @@ def kernel_configurations() -> list:
                     configs[("grad_sample", t, precision, bm, bc, bco)] = KernelConfig(
                         f"deform_conv_grad_sample_kernel[{t},BLOCK_M={bm},BLOCK_C={bc},BLOCK_CO={bco},{precision}]",
                         deform_conv_grad_sample_kernel, _signature(pointers, ints, constexprs), constexprs,
-                        needs_wgmma=dtype != torch.float32, **launch_options("grad_sample", (bm, bc, bco)))
+                        needs_wgmma=dtype != torch.float32, **launch_options("grad_sample", (bm, bc, bco), dtype))
 
                     bc, bco, bm = grad_weight_tiles(cg, cout, dtype)
                     constexprs = dict(BLOCK_C=bc, BLOCK_CO=bco, BLOCK_M=bm, DOT_PRECISION=precision)
@@ -280,7 +286,7 @@ def kernel_configurations() -> list:
                     configs[("grad_weight", t, precision, bc, bco, bm)] = KernelConfig(
                         f"deform_conv_grad_weight_kernel[{t},BLOCK_C={bc},BLOCK_CO={bco},BLOCK_M={bm},{precision}]",
                         deform_conv_grad_weight_kernel, _signature(pointers, ints, constexprs), constexprs,
-                        needs_wgmma=dtype != torch.float32, **launch_options("grad_weight", (bc, bco, bm)))
+                        needs_wgmma=dtype != torch.float32, **launch_options("grad_weight", (bc, bco, bm), dtype))
     for bm in sorted({key[3] for key in configs if key[0] == "fwd"}):  # the statistics merge after the forward
         constexprs = dict(TILE_ROWS=bm, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_T=_STATS_MERGE_BLOCK_T,
                           BLOCK_C=_STATS_MERGE_BLOCK_C)
