@@ -31,9 +31,30 @@ from .records import BenchRecord, make_record
 from .timing import Timing, time_iterations
 
 
+# What torch.distributed's env:// rendezvous reads besides WORLD_SIZE (torchrun sets them all).
+RENDEZVOUS_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher) as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value) > 1
+    except ValueError:
+        raise UsageError(f"environment variable WORLD_SIZE={value!r}: not a number of processes (torchrun sets "
+                         "it; unset it for a single-process run)") from None
+
+
+def check_rendezvous_environment() -> None:
+    """UsageError naming the missing variables when WORLD_SIZE asks for several ranks but the rest of what
+    torch.distributed needs to find them is not set (a WORLD_SIZE left in the environment, or a hand-made
+    launch)."""
+    missing = [name for name in RENDEZVOUS_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a data-parallel run, but "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start it with "
+                         "torchrun --nproc-per-node N -m dla_fast bench --train ... (torchrun sets them), or unset "
+                         "WORLD_SIZE for a single-process run")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,10 +147,16 @@ def run(args: argparse.Namespace, config, providers, build_model, count_step_flo
         raise UsageError("under torchrun, bench times the data-parallel training step: add --train")
     if args.sync_bn and config.device.type == "cpu":
         raise UsageError("--sync-bn needs GPUs: DistributedDataParallel refuses SyncBatchNorm layers in CPU modules")
+    check_rendezvous_environment()
     backend = "nccl" if config.device.type == "cuda" else "gloo"
     if config.device.type == "cuda":
         torch.cuda.set_device(config.device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    except (ValueError, RuntimeError) as e:  # bad rendezvous values, the master unreachable (DistNetworkError)
+        raise UsageError(f"could not join the {backend} process group at "
+                         f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} as rank {os.environ['RANK']} of "
+                         f"{os.environ['WORLD_SIZE']}: {e}") from None
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank == 0:
