@@ -28,7 +28,7 @@ import dla_fast
 
 from . import UsageError, distributed
 from .records import BenchRecord, device_name, make_record, markdown_table, write_records
-from .timing import PeakMemory, Timing, time_iterations
+from .timing import PeakMemory, Ratio, Timing, time_iterations
 
 AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Defaults per device type; the CPU ones keep a run short on 2 cores (2 + 10 steps of 2 images per provider).
@@ -478,38 +478,16 @@ def significant(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{decimals}f}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Ratio:
-    """Speed of a row against a reference row measured in the same run: `median` = reference p50 / row p50
-    (> 1: the row is faster); `low`-`high` = the ratio's range over the two p20-p80 ranges (reference p20 /
-    row p80 to reference p80 / row p20); `within_noise` when the two p20-p80 ranges overlap."""
-
-    median: float
-    low: float
-    high: float
-    within_noise: bool
-
-    @classmethod
-    def of(cls, row: BenchRecord, reference: BenchRecord) -> "Ratio":
-        overlap = row.ms_p20 <= reference.ms_p80 and reference.ms_p20 <= row.ms_p80
-        return cls(reference.ms_p50 / row.ms_p50, reference.ms_p20 / row.ms_p80, reference.ms_p80 / row.ms_p20,
-                   overlap)
-
-    @property
-    def verdict(self) -> str:
-        if self.within_noise:
-            return "within noise"
-        return "faster" if self.median > 1 else "slower"
-
-    def __str__(self) -> str:
-        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f}) {self.verdict}"
-
-
 def reference_record(records: List[BenchRecord]) -> BenchRecord:
     """The row the others are compared with: eager when it ran, else the first baseline, else the first row."""
     eager = [r for r in records if r.provider in ("eager", "eager_channels_last")]
     baselines = [r for r in records if r.baseline]
     return (eager or baselines or records)[0]
+
+
+def _ratio(row: BenchRecord, reference: BenchRecord) -> Ratio:
+    counts = [r.extra.get("iters") for r in (row, reference)]
+    return Ratio.of(row, reference, samples=None if None in counts else min(counts))
 
 
 def format_table(records: List[BenchRecord]) -> str:
@@ -525,7 +503,7 @@ def format_table(records: List[BenchRecord]) -> str:
                      r.mode.replace("_", " "), significant(r.ms_p50, 4), f"{significant(r.ms_p20, 4)}-{significant(r.ms_p80, 4)}",
                      significant(r.extra["images_per_s"]), significant(r.tflops),
                      significant(r.extra["peak_mem_mb"], digits=1)]
-                    + ([("reference" if r is reference else str(Ratio.of(r, reference)))] if compare else []))
+                    + ([("reference" if r is reference else str(_ratio(r, reference)))] if compare else []))
     return markdown_table(headers, rows, right_align=[False] * 4 + [True] * 2 + [False] + [True] * 6)
 
 
