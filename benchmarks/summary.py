@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 import xml.etree.ElementTree as ElementTree
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchRecord, markdown_table, read_records, write_records  # noqa: E402
-from dla_fast.cli.timing import Ratio  # noqa: E402
-from report import case_key, shape_label  # noqa: E402
+if TYPE_CHECKING:
+    from common import BenchRecord
+
+# `merge` reads and writes the JSON as it is, without importing torch (it runs after every stage of a GPU session,
+# where an import of torch would cost seconds each time); the records format is dla_fast.cli.records'.
+FORMAT_PREFIX = "dla_fast-bench/"
 
 # Speed targets of the issues (issue 18, "Done when"): (op, mode, batch or None, baseline) -> least ratio of a
 # dla_fast row against that baseline.
@@ -44,7 +48,7 @@ def plain_provider(name: str) -> str:
     return name[: -len("_channels_last")] if name.endswith("_channels_last") else name
 
 
-def _batch(record: BenchRecord) -> Optional[int]:
+def _batch(record: "BenchRecord") -> Optional[int]:
     batch = record.extra.get("batch")
     if batch is None and isinstance(record.shape, dict):
         batch = record.shape.get("batch")
@@ -53,17 +57,44 @@ def _batch(record: BenchRecord) -> Optional[int]:
     return batch
 
 
-def target_of(record: BenchRecord, baseline: BenchRecord) -> Optional[float]:
+def target_of(record: "BenchRecord", baseline: "BenchRecord") -> Optional[float]:
     """The issue's target ratio for a dla_fast row against `baseline`, or None."""
     if not plain_provider(record.provider).startswith("dla_fast"):
         return None
     return TARGETS.get((record.op, record.mode, _batch(record), plain_provider(baseline.provider)))
 
 
-def ratio_rows(file_name: str, records: Sequence[BenchRecord]) -> List[List[str]]:
+def merge(out: str, inputs: Sequence[str]) -> int:
+    """Write the records of `inputs` (files of one format version) to `out`; returns how many were written."""
+    records: List[dict] = []
+    formats = set()
+    for path in inputs:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or not str(data.get("format", "")).startswith(FORMAT_PREFIX):
+                raise ValueError("not a dla_fast benchmark file")
+        except (OSError, ValueError) as e:
+            print(f"summary.py: skipped {path}: {e}", file=sys.stderr)
+            continue
+        formats.add(data["format"])
+        records += data.get("records", [])
+    if len(formats) > 1:
+        raise ValueError(f"the inputs have different formats: {', '.join(sorted(formats))}")
+    if records:
+        with open(out, "w") as f:
+            json.dump({"format": formats.pop(), "records": records}, f, indent=1)
+            f.write("\n")
+    return len(records)
+
+
+def ratio_rows(file_name: str, records: Sequence["BenchRecord"]) -> List[List[str]]:
     """One row per (record, baseline of its case), in the order the records were written; a baseline row is
     compared with the baselines written before it."""
-    baselines: Dict[tuple, List[BenchRecord]] = {}
+    from dla_fast.cli.timing import Ratio
+    from report import case_key, shape_label
+
+    baselines: Dict[tuple, List["BenchRecord"]] = {}
     for r in records:
         if r.baseline:
             baselines.setdefault(case_key(r), []).append(r)
@@ -84,8 +115,10 @@ def ratio_rows(file_name: str, records: Sequence[BenchRecord]) -> List[List[str]
     return rows
 
 
-def load_folder(folder: str) -> List[Tuple[str, List[BenchRecord]]]:
+def load_folder(folder: str) -> List[Tuple[str, List["BenchRecord"]]]:
     """(file name without .json, records) of every records file in `folder`; other JSON files are skipped."""
+    from common import read_records
+
     runs = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
@@ -117,6 +150,8 @@ def test_report(junit_path: str) -> List[str]:
 
 
 def table(folder: str, junit: Optional[str]) -> str:
+    from common import markdown_table
+
     lines = ["# GPU session summary", ""]
     if junit:
         lines += test_report(junit) + [""]
@@ -139,9 +174,9 @@ def table(folder: str, junit: Optional[str]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="join records files into one")
-    merge.add_argument("out")
-    merge.add_argument("inputs", nargs="*")
+    merging = commands.add_parser("merge", help="join records files into one")
+    merging.add_argument("out")
+    merging.add_argument("inputs", nargs="*")
     show = commands.add_parser("table", help="the ratio table of a folder of records files")
     show.add_argument("folder")
     show.add_argument("--junit", help="pytest's --junitxml file of the GPU tests")
@@ -149,15 +184,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "merge":
-        records: List[BenchRecord] = []
-        for path in args.inputs:
-            try:
-                records += read_records(path)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                print(f"summary.py: skipped {path}: {e}", file=sys.stderr)
-        if records:
-            write_records(args.out, records)
-            print(f"summary.py: {len(records)} record(s) from {len(args.inputs)} run(s) -> {args.out}")
+        count = merge(args.out, args.inputs)
+        if count:
+            print(f"summary.py: {count} record(s) from {len(args.inputs)} run(s) -> {args.out}")
         else:
             print(f"summary.py: no records to write to {args.out}", file=sys.stderr)
         return 0

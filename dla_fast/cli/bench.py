@@ -197,9 +197,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_PROVIDERS['cuda_train']} with --train; {DEFAULT_PROVIDERS['cpu']} on CPU, "
                         "where dla_fast runs the eager reference of its fused ops)")
     parser.add_argument("--backend", default="auto",
-                        help=f"dla_fast backend for the dla_fast providers, from: {', '.join(dla_fast.backend.BACKENDS)}"
-                        " (default auto); several, comma-separated, time each dla_fast provider once per backend "
-                        "(e.g. --train --backend auto,triton,cuda compares the training paths)")
+                        help="dla_fast backend for the dla_fast providers, from: "
+                        f"{', '.join(dla_fast.backend.BACKENDS)} (default auto); several, comma-separated, time each "
+                        "dla_fast provider once per backend (e.g. --train --backend auto,triton,cuda compares the training paths)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     distributed.add_arguments(parser)
@@ -500,7 +500,8 @@ def format_table(records: List[BenchRecord]) -> str:
     rows = []
     for r in records:
         rows.append([r.op, r.provider, r.device, r.dtype, r.extra["batch"], r.extra["image_size"],
-                     r.mode.replace("_", " "), significant(r.ms_p50, 4), f"{significant(r.ms_p20, 4)}-{significant(r.ms_p80, 4)}",
+                     r.mode.replace("_", " "), significant(r.ms_p50, 4),
+                     f"{significant(r.ms_p20, 4)}-{significant(r.ms_p80, 4)}",
                      significant(r.extra["images_per_s"]), significant(r.tflops),
                      significant(r.extra["peak_mem_mb"], digits=1)]
                     + ([("reference" if r is reference else str(_ratio(r, reference)))] if compare else []))
