@@ -199,7 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto",
                         help="dla_fast backend for the dla_fast providers, from: "
                         f"{', '.join(dla_fast.backend.BACKENDS)} (default auto); several, comma-separated, time each "
-                        "dla_fast provider once per backend (e.g. --train --backend auto,triton,cuda compares the training paths)")
+                        "dla_fast provider once per backend (e.g. --train --backend auto,triton,cuda compares the "
+                        "training paths)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     distributed.add_arguments(parser)
