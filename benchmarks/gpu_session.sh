@@ -122,7 +122,7 @@ stage_body() {  # the commands of one stage (run under `timeout` by run_stage)
         return 0
       fi
       # SIGINT at the limit: pytest stops, lists the failures so far and writes its junit report
-      timeout -s INT -k 10 $(( $2 - 15 )) "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short -m cuda \
+      timeout -s INT -k 10 $(( $2 > 30 ? $2 - 15 : 15 )) "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short -m cuda \
         --junitxml="$OUT/tests.xml" "${files[@]}"
       local rc=$?
       [ $rc -eq 5 ] && rc=0  # no test selected (a file list without GPU tests) is not a failure
