@@ -389,3 +389,13 @@ def test_unknown_backend_is_refused_naming_it(value, message, capsys):
     assert main(["bench", *TINY, "--backend", value]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_data_parallel_table_keeps_significant_digits():
+    from dla_fast.cli import distributed
+
+    slow = _record("eager_ddp2", 60_000.0, 80_000.0, 90_000.0, baseline=True)
+    slow.extra.update(world_size=2, images_per_s=2 / 80.0, images_per_s_per_rank=[1 / 80.0, 1 / 81.0],
+                      single_process_images_per_s=1 / 70.0, scaling_efficiency=0.875)
+    row = cells(distributed.format_table([slow]).splitlines()[2])
+    assert row[7:] == ["80000", "0.0125 / 0.0123", "0.0250", "0.0143", "88%"]

@@ -5,7 +5,8 @@
 
 A training step is forward + backward + SGD step (with a GradScaler under fp16, as AMP training does).
 Each way of running the model is a `Provider`; a run times every provider on a fresh copy of the same
-model and prints one table row (and one benchmark record, see dla_fast.cli.records) per provider.
+model and prints one table row (and one benchmark record, see dla_fast.cli.records) per provider, with its
+speed against eager measured in the same run, the spread of that ratio and whether it is within noise.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import dla_fast
 
 from . import UsageError, distributed
-from .records import BenchRecord, device_name, make_record, markdown_table, write_records
+from .records import BenchRecord, device_name, make_record, markdown_table, significant, write_records
 from .timing import PeakMemory, Ratio, Timing, time_iterations
 
 AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -466,17 +467,6 @@ def run_benchmarks(config: BenchConfig, providers: List[Provider]) -> List[Bench
                 records.append(bench_provider(provider, eager_model, dataclasses.replace(config, backend=backend),
                                               step_flops))
     return records
-
-
-def significant(value: Optional[float], digits: int = 3) -> str:
-    """`value` with at least `digits` significant digits and no exponent: 3265.3 -> '3265', 12.34 -> '12.3',
-    0.01234 -> '0.0123' (a slow step's images/s stays readable instead of '0.0'); None -> 'n/a'."""
-    if value is None:
-        return "n/a"
-    if value == 0 or not math.isfinite(value):
-        return f"{value:g}"
-    decimals = max(digits - 1 - math.floor(math.log10(abs(value))), 0)
-    return f"{value:.{decimals}f}"
 
 
 def reference_record(records: List[BenchRecord]) -> BenchRecord:

@@ -130,13 +130,13 @@ def bench_data_parallel(provider, eager_model: nn.Module, config, step_flops, ma
 
 
 def format_table(records: List[BenchRecord]) -> str:
-    from .records import markdown_table
+    from .records import markdown_table, significant
 
     headers = ["model", "provider", "device", "dtype", "batch/rank", "size", "ranks", "ms p50 (slowest)",
                "images/s per rank", "total images/s", "1 process images/s", "scaling"]
     rows = [[r.op, r.provider, r.device, r.dtype, r.extra["batch"], r.extra["image_size"], r.extra["world_size"],
-             f"{r.ms_p50:.2f}", " / ".join(f"{v:.1f}" for v in r.extra["images_per_s_per_rank"]),
-             f"{r.extra['images_per_s']:.1f}", f"{r.extra['single_process_images_per_s']:.1f}",
+             significant(r.ms_p50, 4), " / ".join(significant(v) for v in r.extra["images_per_s_per_rank"]),
+             significant(r.extra["images_per_s"]), significant(r.extra["single_process_images_per_s"]),
              f"{100 * r.extra['scaling_efficiency']:.0f}%"] for r in records]
     return markdown_table(headers, rows, right_align=[False] * 4 + [True] * 8)
 
