@@ -46,7 +46,7 @@ test_files() {  # the test files of the test stage, in the order they run
   if [ "$MODE" = quick ]; then
     names=("${QUICK_TESTS[@]}")
   else
-    for path in tests/test_*.py; do
+    for path in $(grep -l "mark.cuda" tests/test_*.py); do  # the other files with GPU tests (no import of the rest)
       name=$(basename "$path" .py)
       [[ " ${FIRST_TESTS[*]} " == *" $name "* ]] || names+=("$name")
     done
