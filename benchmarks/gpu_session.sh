@@ -54,8 +54,11 @@ test_files() {  # the test files of the test stage, in the order they run
   for name in "${names[@]}"; do echo "tests/$name.py"; done
 }
 
-backends() {  # the dla_fast training paths to time: auto, the fused Triton BatchNorm, the extension's when built
-  if [ -e "$SCRATCH/extension_built" ] || [ "$MODE" = dry-run ]; then echo auto,triton,cuda; else echo auto,triton; fi
+fused_paths() {  # bench TAG ARGS... once per fused training path: Triton's BatchNorm, the extension's when built
+  bench "$1_triton" "${@:2}" --providers dla_fast --backend triton
+  if [ -e "$SCRATCH/extension_built" ] || [ "$MODE" = dry-run ]; then
+    bench "$1_cuda" "${@:2}" --providers dla_fast --backend cuda
+  fi
 }
 
 cpu_args() {  # a GPU bench run's arguments shrunk to a tiny CPU run of the same model and mode (dry run)
@@ -73,6 +76,7 @@ cpu_args() {  # a GPU bench run's arguments shrunk to a tiny CPU run of the same
 }
 
 bench() {  # bench TAG ARGS...: one `python -m dla_fast bench` run of the current stage, records to the scratch folder
+  # (one run per path: a path failing on the GPU loses its own rows only; FAILED makes the stage's status 1)
   local tag=$1 args
   shift
   args=("${BENCH_FLAGS[@]}" "$@" --json "$SCRATCH/${STAGE}_${tag}.json")
@@ -88,7 +92,7 @@ bench() {  # bench TAG ARGS...: one `python -m dla_fast bench` run of the curren
     args+=(--json "$SCRATCH/${STAGE}_${tag}.json")
   fi
   echo "--- bench ${args[*]}"
-  "$PY" -m dla_fast bench "${args[@]}"
+  "$PY" -m dla_fast bench "${args[@]}" || { echo "--- bench failed: rc $?"; FAILED=1; }
 }
 
 needs_gpu() {  # in a dry run, say that the stage needs a GPU and what it would run; returns 0 when skipped
@@ -128,14 +132,17 @@ stage_body() {  # the commands of one stage (run under `timeout` by run_stage)
       [ $rc -eq 5 ] && rc=0  # no test selected (a file list without GPU tests) is not a failure
       return $rc ;;
     training)
-      bench paths --model dla34 --batch 256 --train --providers eager,dla_fast --backend "$(backends)"
-      [ "$MODE" = quick ] || bench compile --model dla34 --batch 256 --train --providers compile ;;
+      bench auto --model dla34 --batch 256 --train --providers eager,dla_fast
+      fused_paths fused --model dla34 --batch 256 --train
+      [ "$MODE" = quick ] || bench compile --model dla34 --batch 256 --train --providers compile
+      [ -z "${FAILED:-}" ] ;;
     centernet)
       local graphs=,eager_graph,dla_fast_graph
       [ "$MODE" = quick ] && graphs=
       bench inference --model centernet_dla34 --size 512 --batch 16 --providers "eager,dla_fast$graphs"
-      bench training --model centernet_dla34 --size 512 --batch 16 --train --providers eager,dla_fast \
-        --backend "$([ "$MODE" = quick ] && echo auto || backends)" ;;
+      bench training --model centernet_dla34 --size 512 --batch 16 --train --providers eager,dla_fast
+      [ "$MODE" = quick ] || fused_paths training_fused --model centernet_dla34 --size 512 --batch 16 --train
+      [ -z "${FAILED:-}" ] ;;
     deform)
       if [ "$MODE" = dry-run ]; then
         echo "dry run, instead of: $PY benchmarks/bench_deform_conv.py --batches 16 --dtypes bf16 --ops deform_conv2d"
@@ -149,7 +156,8 @@ stage_body() {  # the commands of one stage (run under `timeout` by run_stage)
       bench b256 --model dla34 --batch 256 --providers eager,dla_fast
       bench b32 --model dla34 --batch 32 --providers eager,dla_fast,eager_graph,dla_fast_graph
       bench b1 --model dla34 --batch 1 --providers eager_graph,dla_fast_graph
-      bench b256_compile --model dla34 --batch 256 --providers compile ;;
+      bench b256_compile --model dla34 --batch 256 --providers compile
+      [ -z "${FAILED:-}" ] ;;
     summary)
       local junit=()
       [ -e "$OUT/tests.xml" ] && junit=(--junit "$OUT/tests.xml")

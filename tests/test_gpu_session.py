@@ -61,7 +61,9 @@ def test_dry_run_runs_every_stage_and_writes_the_records_and_the_table(tmp_path)
                                                                 ("centernet_dla34", "dla_fast")]
     assert {r.op for r in read_records(str(tmp_path / "deform.json"))} == {"deform_conv2d"}
     # the GPU runs the stages would make are named in full
-    assert "--model dla34 --batch 256 --train --providers eager,dla_fast --backend auto,triton,cuda" in log
+    for path in ("triton", "cuda"):  # each fused training path in a run of its own
+        assert f"--model dla34 --batch 256 --train --providers dla_fast --backend {path}" in log
+        assert f"--model centernet_dla34 --size 512 --batch 16 --train --providers dla_fast --backend {path}" in log
     assert "--model dla34 --batch 256 --train --providers compile" in log
     assert "--model dla34 --batch 1 --providers eager_graph,dla_fast_graph" in log
 
