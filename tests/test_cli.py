@@ -121,12 +121,14 @@ def test_bench_bf16_channels_last_from_a_checkpoint(tmp_path):
 
 def test_several_providers_give_one_row_each():
     config = bench.resolve_config(build_parser().parse_args(["bench", *TINY, "--no-progress"]))
-    again = bench.Provider("eager_again", lambda model, config: model, baseline=False, description="test")
+    again = bench.Provider("eager_again", lambda model, config: model, baseline=False,
+                           description=lambda config: "test")
     records = bench.run_benchmarks(config, [bench.PROVIDERS["eager"], again])
     assert [r.provider for r in records] == ["eager", "eager_again"]
     assert [r.baseline for r in records] == [True, False]
     table = bench.format_table(records).splitlines()
     assert len(table) == 4 and "eager_again" in table[3]
+    assert cells(table[0])[-1] == "vs eager" and cells(table[2])[-1] == "reference"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the defaults used without a GPU")
@@ -250,7 +252,8 @@ def test_records_that_cannot_be_written_at_the_end_keep_the_table(canned_run, tm
 
 @pytest.mark.parametrize("failure, status, message", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2,
-     "error: out of memory at --batch 1 --size 64 (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller"),
+     "error: out of memory at --batch 1 --size 64: an allocation of 2.00 GiB failed (the fp32 input batch alone is "
+     "48.0 KiB); try a smaller --batch or --size"),
     (KeyboardInterrupt(), 130, "bench: interrupted"),
 ])
 def test_out_of_memory_and_interrupt_end_without_traceback(canned_run, failure, status, message, capsys):
@@ -272,3 +275,127 @@ def test_compile_providers_compile_the_right_model_with_their_mode(monkeypatch):
                                     ("dla_fast_compile_graph", "reduce-overhead", True)):
         prepared = bench.PROVIDERS[name].prepare(dla_fast.create_model("dla46_c"), config)
         assert calls.pop() == mode and bool(dla_fast.accelerated_modules(prepared)) == accelerated, name
+
+
+def test_allocation_failure_is_one_line_naming_the_memory_needed():
+    """The CPU allocator's failure is a plain RuntimeError with a C++ trace: one error line naming the size."""
+    done = run_module("bench", "--model", "dla46_c", "--device", "cpu", "--batch", "100000000", "--no-progress")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        "python -m dla_fast bench: error: out of memory at --batch 100000000 --size 224: an allocation of 54.8 TiB "
+        "failed (the fp32 input batch alone is 54.8 TiB); try a smaller --batch or --size"]
+
+
+@pytest.mark.parametrize("environment, message", [
+    (dict(WORLD_SIZE="2", RANK="0"), "error: WORLD_SIZE=2 asks for a data-parallel run, but MASTER_ADDR, MASTER_PORT "
+                                     "are not set: start it with torchrun --nproc-per-node N"),
+    (dict(WORLD_SIZE="two"), "error: environment variable WORLD_SIZE='two': not a number of processes"),
+])
+def test_data_parallel_environment_without_a_launcher_is_one_line(environment, message, monkeypatch, capsys):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["bench", *TINY, "--train", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_unreachable_master_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "not-a-port")
+    assert main(["bench", *TINY, "--train", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not join the gloo process group at localhost:not-a-port as rank 0 of 2" in err
+    assert len(err.splitlines()) == 1
+
+
+def cells(line):
+    """The stripped cells of a markdown table row."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _record(provider, p20, p50, p80, baseline=False):
+    timing = bench.Timing(p20, p50, p80, "perf_counter, test")
+    extra = dict(batch=1, image_size=64, images_per_s=1e3 / p50, peak_mem_mb=None, peak_mem_kind="n/a")
+    return bench.make_record("dla46_c", provider, "inference", "fp32", [1, 3, 64, 64], timing, torch.device("cpu"),
+                             baseline=baseline, extra=extra)
+
+
+def test_ratio_against_eager_with_its_spread_and_a_noise_verdict():
+    eager = _record("eager", 9.0, 10.0, 11.0, baseline=True)
+    faster = _record("dla_fast", 4.0, 5.0, 6.0)
+    overlapping = _record("dla_fast[triton]", 8.0, 8.5, 9.5)
+    slower = _record("compile", 12.0, 20.0, 25.0, baseline=True)
+    ratio = bench.Ratio.of(faster, eager)
+    assert (ratio.median, ratio.low, ratio.high) == pytest.approx((2.0, 9.0 / 6.0, 11.0 / 4.0))
+    assert str(ratio) == "2.00x (1.50-2.75) faster"
+    assert str(bench.Ratio.of(overlapping, eager)) == "1.18x (0.95-1.38) within noise"
+    assert str(bench.Ratio.of(slower, eager)) == "0.50x (0.36-0.92) slower"
+    # eager is the reference wherever it sits in the run; without eager, the first baseline
+    assert bench.reference_record([faster, slower, eager]) is eager
+    assert bench.reference_record([faster, slower]) is slower
+    table = bench.format_table([slower, faster, eager, overlapping]).splitlines()
+    assert cells(table[0])[-1] == "vs eager"
+    assert [cells(line)[-1] for line in table[2:]] == ["0.50x (0.36-0.92) slower", "2.00x (1.50-2.75) faster",
+                                                       "reference", "1.18x (0.95-1.38) within noise"]
+
+
+@pytest.mark.parametrize("value, text", [(3265.3, "3265"), (12.34, "12.3"), (0.01234, "0.0123"), (0.0, "0"),
+                                         (None, "n/a"), (1.0, "1.00")])
+def test_numbers_keep_significant_digits(value, text):
+    assert bench.significant(value) == text
+
+
+def test_slow_steps_print_images_per_second_with_significant_digits():
+    slow = _record("eager", 60_000.0, 80_000.0, 90_000.0, baseline=True)
+    row = cells(bench.format_table([slow]).splitlines()[2])
+    assert row[7] == "80000" and row[9] == "0.0125"
+
+
+def test_inference_footnotes_say_what_runs_on_the_cpu(inference_run):
+    out = inference_run[0]
+    notes = [line for line in out.splitlines() if line.startswith(("provider dla_fast", "backend"))]
+    assert notes[0].startswith("provider dla_fast: dla_fast.accelerate(model): dla_fast's modules")
+    assert "BatchNorm folded into the convs" in notes[0] and "fused" not in notes[0]
+    assert notes[1].startswith("backend auto: on the CPU, auto runs the eager reference of dla_fast's modules")
+    assert "within noise" in out or "faster" in out or "slower" in out
+    assert "vs eager: eager's median time / the row's" in out
+
+
+def test_training_footnotes_describe_the_training_step(tmp_path):
+    out, records = bench_in_process(tmp_path, "--train", "--iters", "1", "--warmup", "0")
+    assert [r["provider"] for r in records] == ["eager", "dla_fast"]
+    assert "folded" not in out and "in training: dla_fast's modules for the aggregation nodes" in out
+    assert "train step" in out and "vs eager: eager's median time" in out
+
+
+def test_several_backends_time_each_dla_fast_provider_once_per_backend(tmp_path):
+    out, records = bench_in_process(tmp_path, "--providers", "eager,dla_fast", "--backend", "auto,torch",
+                                    "--iters", "1", "--warmup", "0")
+    assert [r["provider"] for r in records] == ["eager", "dla_fast", "dla_fast[torch]"]
+    assert [r["extra"].get("backend") for r in records] == [None, "auto", "torch"]
+    assert "backend auto: on the CPU, auto runs the eager reference" in out
+    assert "backend torch: runs the eager reference" in out
+
+
+@pytest.mark.parametrize("value, message", [
+    ("auto,fast", "--backend: unknown fast; choose from auto, torch, triton, cuda"),
+    (",", "--backend: unknown (none given)"),
+])
+def test_unknown_backend_is_refused_naming_it(value, message, capsys):
+    assert main(["bench", *TINY, "--backend", value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_data_parallel_table_keeps_significant_digits():
+    from dla_fast.cli import distributed
+
+    slow = _record("eager_ddp2", 60_000.0, 80_000.0, 90_000.0, baseline=True)
+    slow.extra.update(world_size=2, images_per_s=2 / 80.0, images_per_s_per_rank=[1 / 80.0, 1 / 81.0],
+                      single_process_images_per_s=1 / 70.0, scaling_efficiency=0.875)
+    row = cells(distributed.format_table([slow]).splitlines()[2])
+    assert row[7:] == ["80000", "0.0125 / 0.0123", "0.0250", "0.0143", "88%"]

@@ -5,7 +5,8 @@
 
 A training step is forward + backward + SGD step (with a GradScaler under fp16, as AMP training does).
 Each way of running the model is a `Provider`; a run times every provider on a fresh copy of the same
-model and prints one table row (and one benchmark record, see dla_fast.cli.records) per provider.
+model and prints one table row (and one benchmark record, see dla_fast.cli.records) per provider, with its
+speed against eager measured in the same run, the spread of that ratio and whether it is within noise.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import math
 import os
+import re
 import sys
 import tempfile
 from typing import Any, Callable, Dict, List, Optional
@@ -25,8 +28,8 @@ import torch.nn.functional as F
 import dla_fast
 
 from . import UsageError, distributed
-from .records import BenchRecord, device_name, make_record, markdown_table, write_records
-from .timing import PeakMemory, Timing, time_iterations
+from .records import BenchRecord, device_name, make_record, markdown_table, significant, write_records
+from .timing import PeakMemory, Ratio, Timing, time_iterations
 
 AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Defaults per device type; the CPU ones keep a run short on 2 cores (2 + 10 steps of 2 images per provider).
@@ -42,12 +45,13 @@ SGD_SETTINGS = dict(lr=1e-3, momentum=0.9)
 class Provider:
     """One way to run a model: `prepare(model, config)` turns the eager model (already on the device, in
     the chosen memory format) into the module to time. `baseline`: what a user gets without dla_fast;
-    other providers' speedups are reported against it."""
+    other providers' speedups are reported against it. `description(config)`: what runs, for that run's
+    mode (inference or training), for the footnotes."""
 
     name: str
     prepare: Callable[[nn.Module, "BenchConfig"], nn.Module]
     baseline: bool
-    description: str
+    description: Callable[["BenchConfig"], str]
 
 
 def _prepare_eager(model: nn.Module, config: "BenchConfig") -> nn.Module:
@@ -89,29 +93,42 @@ def _prepare_dla_fast_graph(model: nn.Module, config: "BenchConfig") -> nn.Modul
     return _cuda_graphed(dla_fast.accelerate(model), config)
 
 
+def _accelerated_description(config: "BenchConfig") -> str:
+    """What dla_fast.accelerate(model) swaps in, in this run's mode (the backend footnote says which kernels)."""
+    if config.train:
+        return ("dla_fast.accelerate(model) in training: dla_fast's modules for the aggregation nodes and IDA "
+                "steps (forward and backward), the blocks' conv + BatchNorm (+ residual) + ReLU as dla_fast's "
+                "training modules")
+    return ("dla_fast.accelerate(model): dla_fast's modules for the aggregation nodes and IDA steps, BatchNorm "
+            "folded into the convs (conv + bias [+ residual] + ReLU in one call), channels_last")
+
+
+def _graph_description(config: "BenchConfig") -> str:
+    if config.train:
+        return "replayed from captured CUDA graphs of forward + backward (dla_fast.CUDAGraphTraining)"
+    return "replayed from a captured CUDA graph of the forward (dla_fast.CUDAGraphInference)"
+
+
 PROVIDERS: Dict[str, Provider] = {
-    "eager": Provider("eager", _prepare_eager, baseline=True, description="the reference model in eager PyTorch"),
+    "eager": Provider("eager", _prepare_eager, baseline=True,
+                      description=lambda config: "the reference model in eager PyTorch"),
     "compile": Provider("compile", _prepare_compile, baseline=True,
-                        description="torch.compile (default mode) of the eager model"),
+                        description=lambda config: "torch.compile (default mode) of the eager model"),
     "compile_graph": Provider("compile_graph", _prepare_compile_graph, baseline=True,
-                              description="torch.compile(mode='reduce-overhead'): inductor kernels replayed "
-                                          "from CUDA graphs"),
-    "dla_fast": Provider("dla_fast", _prepare_dla_fast, baseline=False,
-                         description="dla_fast.accelerate(model): fused aggregation nodes and IDA steps, "
-                                     "BatchNorm folded into the convs for inference, channels_last "
-                                     "(kernels chosen by --backend)"),
+                              description=lambda config: "torch.compile(mode='reduce-overhead'): inductor kernels "
+                                                         "replayed from CUDA graphs"),
+    "dla_fast": Provider("dla_fast", _prepare_dla_fast, baseline=False, description=_accelerated_description),
     "dla_fast_compile": Provider("dla_fast_compile", _prepare_dla_fast_compile, baseline=False,
-                                 description="torch.compile of the accelerated model (the fused ops, the folded "
-                                             "convs' cuDNN call included, stay custom ops in inductor's graph)"),
+                                 description=lambda config: "torch.compile of the accelerated model (dla_fast's "
+                                                            "ops, the folded convs' cuDNN call included, stay custom "
+                                                            "ops in inductor's graph)"),
     "dla_fast_compile_graph": Provider("dla_fast_compile_graph", _prepare_dla_fast_compile_graph, baseline=False,
-                                       description="torch.compile(mode='reduce-overhead') of the accelerated "
-                                                   "model: replayed from CUDA graphs"),
+                                       description=lambda config: "torch.compile(mode='reduce-overhead') of the "
+                                                                  "accelerated model: replayed from CUDA graphs"),
     "eager_graph": Provider("eager_graph", _prepare_eager_graph, baseline=True,
-                            description="the eager model replayed from captured CUDA graphs "
-                                        "(dla_fast.CUDAGraphInference, or CUDAGraphTraining with --train)"),
+                            description=lambda config: f"the eager model {_graph_description(config)}"),
     "dla_fast_graph": Provider("dla_fast_graph", _prepare_dla_fast_graph, baseline=False,
-                               description="the accelerated model replayed from captured CUDA graphs "
-                                           "(dla_fast.CUDAGraphInference, or CUDAGraphTraining with --train)"),
+                               description=lambda config: f"the accelerated model {_graph_description(config)}"),
 }
 GRAPH_PROVIDERS = ("eager_graph", "dla_fast_graph")
 DEFAULT_PROVIDERS = {"cuda": "eager,dla_fast,eager_graph,dla_fast_graph", "cuda_train": "eager,dla_fast",
@@ -120,7 +137,8 @@ DEFAULT_PROVIDERS = {"cuda": "eager,dla_fast,eager_graph,dla_fast_graph", "cuda_
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """Everything one `bench` run measures, validated."""
+    """Everything one `bench` run measures, validated. `backends`: the dla_fast backends asked for (each dla_fast
+    provider runs once per backend); `backend`: the one in force for the provider being timed."""
 
     model: str
     checkpoint: Optional[str]
@@ -136,6 +154,7 @@ class BenchConfig:
     defaults_note: Optional[str]
     providers: tuple = ("eager",)
     backend: str = "auto"
+    backends: tuple = ("auto",)
 
     @property
     def mode(self) -> str:
@@ -178,8 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{', '.join(PROVIDERS)} (default: {DEFAULT_PROVIDERS['cuda']} on GPU, "
                         f"{DEFAULT_PROVIDERS['cuda_train']} with --train; {DEFAULT_PROVIDERS['cpu']} on CPU, "
                         "where dla_fast runs the eager reference of its fused ops)")
-    parser.add_argument("--backend", choices=dla_fast.backend.BACKENDS, default="auto",
-                        help="dla_fast backend for the dla_fast providers (default auto)")
+    parser.add_argument("--backend", default="auto",
+                        help="dla_fast backend for the dla_fast providers, from: "
+                        f"{', '.join(dla_fast.backend.BACKENDS)} (default auto); several, comma-separated, time each "
+                        "dla_fast provider once per backend (e.g. --train --backend auto,triton,cuda compares the "
+                        "training paths)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     distributed.add_arguments(parser)
@@ -251,6 +273,20 @@ def check_output_path(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: cannot create files in {folder} ({e.strerror})") from None
 
 
+def _resolve_backends(value: str, device: torch.device, used: bool) -> tuple:
+    """The backends of `--backend` (comma-separated), each known and, when a dla_fast provider runs, usable."""
+    backends = tuple(dict.fromkeys(b.strip().lower() for b in value.split(",") if b.strip()))
+    unknown = [b for b in backends if b not in dla_fast.backend.BACKENDS]
+    if unknown or not backends:
+        raise UsageError(f"--backend: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(dla_fast.backend.BACKENDS)}, or several separated by commas")
+    for name in backends if used else ():
+        reason = dla_fast.backend.unavailable_reason(name, device)
+        if reason:
+            raise UsageError(f"--backend {name} cannot run on {device}: {reason}")
+    return backends
+
+
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
     """Validate the options and fill in the per-device defaults; UsageError on a bad value."""
     if args.model not in dla_fast.list_models():
@@ -286,10 +322,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     if graphed and device.type != "cuda":
         raise UsageError(f"--providers {','.join(graphed)}: CUDA-graph replay needs a CUDA GPU (the device is "
                          f"{device})")
-    if any(p.startswith("dla_fast") for p in providers):
-        reason = dla_fast.backend.unavailable_reason(args.backend, device)
-        if reason:
-            raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
+    backends = _resolve_backends(args.backend, device, any(p.startswith("dla_fast") for p in providers))
     if args.json:
         check_output_path(args.json, "--json")
     note = None
@@ -299,7 +332,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
                 + " (set --batch/--size/--warmup/--iters to change)")
     return BenchConfig(model=args.model, checkpoint=args.checkpoint, device=device, dtype=args.dtype,
                        channels_last=args.channels_last, train=args.train, progress=args.progress,
-                       defaults_note=note, providers=providers, backend=args.backend, **values)
+                       defaults_note=note, providers=providers, backend=backends[0], backends=backends, **values)
 
 
 def build_model(config: BenchConfig) -> nn.Module:
@@ -388,6 +421,13 @@ def _progress_bar(config: BenchConfig, label: str):
     return bar, on_step
 
 
+def provider_label(provider: Provider, config: BenchConfig) -> str:
+    """The provider's name in the table and records: `dla_fast[triton]_channels_last` for a dla_fast provider
+    under a backend other than auto, with `_channels_last` for NHWC runs."""
+    backend = f"[{config.backend}]" if provider.name.startswith("dla_fast") and config.backend != "auto" else ""
+    return provider.name + backend + ("_channels_last" if config.channels_last else "")
+
+
 def bench_provider(provider: Provider, eager_model: nn.Module, config: BenchConfig,
                    step_flops: Optional[int]) -> BenchRecord:
     """Time one provider on a fresh copy of `eager_model` and return its record."""
@@ -395,7 +435,7 @@ def bench_provider(provider: Provider, eager_model: nn.Module, config: BenchConf
     example = torch.randn(config.input_shape, device=config.device).contiguous(memory_format=config.memory_format)
     model = provider.prepare(model, config)
     step = make_step(model, example, config)
-    label = provider.name + ("_channels_last" if config.channels_last else "")
+    label = provider_label(provider, config)
     bar, on_step = _progress_bar(config, f"{config.model} {label} {config.mode}")
     with bar, PeakMemory(config.device) as memory:
         timing: Timing = time_iterations(step, config.device, config.warmup, config.iters, on_step)
@@ -403,6 +443,8 @@ def bench_provider(provider: Provider, eager_model: nn.Module, config: BenchConf
                  peak_mem_mb=memory.mb, peak_mem_kind=memory.kind,
                  layout="channels_last" if config.channels_last else "nchw",
                  weights=config.checkpoint or "random", warmup=config.warmup, iters=config.iters)
+    if provider.name.startswith("dla_fast"):
+        extra["backend"] = config.backend
     if config.device.type == "cpu":
         extra["cpu_threads"] = torch.get_num_threads()
     return make_record(config.model, label, config.mode, config.dtype, config.input_shape, timing, config.device,
@@ -410,48 +452,89 @@ def bench_provider(provider: Provider, eager_model: nn.Module, config: BenchConf
 
 
 def run_benchmarks(config: BenchConfig, providers: List[Provider]) -> List[BenchRecord]:
-    """One record per provider, all on the same weights and input shape.
+    """One record per provider (per backend of `config.backends` for the dla_fast providers), all on the same
+    weights and input shape.
 
     The eager model stays on the CPU; each provider times its own copy on the device, so the peak memory
     of a row holds that provider's model only."""
     eager_model = build_model(config)
     step_flops = count_step_flops(eager_model, config)
-    return [bench_provider(provider, eager_model, config, step_flops) for provider in providers]
+    records = []
+    for provider in providers:
+        backends = config.backends if provider.name.startswith("dla_fast") else config.backends[:1]
+        for backend in backends:
+            with dla_fast.use_backend(backend):
+                records.append(bench_provider(provider, eager_model, dataclasses.replace(config, backend=backend),
+                                              step_flops))
+    return records
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def reference_record(records: List[BenchRecord]) -> BenchRecord:
+    """The row the others are compared with: eager when it ran, else the first baseline, else the first row."""
+    eager = [r for r in records if r.provider in ("eager", "eager_channels_last")]
+    baselines = [r for r in records if r.baseline]
+    return (eager or baselines or records)[0]
+
+
+def _ratio(row: BenchRecord, reference: BenchRecord) -> Ratio:
+    counts = [r.extra.get("iters") for r in (row, reference)]
+    return Ratio.of(row, reference, samples=None if None in counts else min(counts))
 
 
 def format_table(records: List[BenchRecord]) -> str:
-    """The records as an aligned markdown table (one row per record)."""
+    """The records as an aligned markdown table (one row per record), with each row's speed against the
+    reference row (`reference_record`) when there are several rows."""
+    reference = reference_record(records)
+    compare = len(records) > 1
     headers = ["model", "provider", "device", "dtype", "batch", "size", "mode", "ms p50", "ms p20-p80",
-               "images/s", "TFLOP/s", "peak MB"]
+               "images/s", "TFLOP/s", "peak MB"] + ([f"vs {reference.provider}"] if compare else [])
     rows = []
     for r in records:
         rows.append([r.op, r.provider, r.device, r.dtype, r.extra["batch"], r.extra["image_size"],
-                     r.mode.replace("_", " "), _fmt(r.ms_p50, ".2f"), f"{r.ms_p20:.2f}-{r.ms_p80:.2f}",
-                     _fmt(r.extra["images_per_s"], ".1f"), _fmt(r.tflops, ".3g"), _fmt(r.extra["peak_mem_mb"], ".0f")])
-    return markdown_table(headers, rows, right_align=[False] * 4 + [True] * 2 + [False] + [True] * 5)
+                     r.mode.replace("_", " "), significant(r.ms_p50, 4),
+                     f"{significant(r.ms_p20, 4)}-{significant(r.ms_p80, 4)}",
+                     significant(r.extra["images_per_s"]), significant(r.tflops),
+                     significant(r.extra["peak_mem_mb"], digits=1)]
+                    + ([("reference" if r is reference else str(_ratio(r, reference)))] if compare else []))
+    return markdown_table(headers, rows, right_align=[False] * 4 + [True] * 2 + [False] + [True] * 6)
 
 
 def _footnotes(records: List[BenchRecord], config: BenchConfig, providers: List[Provider]) -> List[str]:
     first = records[0]
     flops = "n/a" if first.min_flops is None else f"{first.min_flops / 1e9:.1f} GFLOP per step"
-    return [
-        f"latency: median (p20-p80) per step; {first.timing}",
-        f"peak MB: {first.extra['peak_mem_kind']} during warm-up and timed steps",
-        f"TFLOP/s: conv + matmul FLOPs of the eager model ({flops}, torch.utils.flop_counter) / median time",
-    ] + [f"provider {p.name}: {p.description}" for p in providers] + (
-        [f"backend {config.backend}: {_backend_note(config)}"] if any(p.name.startswith("dla_fast") for p in providers)
-        else []) + (
-        [f"dtype {config.dtype}: AMP autocast"] if config.autocast_dtype is not None else [])
+    notes = [f"latency: median (p20-p80) per step; {first.timing}"]
+    if len(records) > 1:
+        reference = reference_record(records).provider
+        notes.append(f"vs {reference}: {reference}'s median time / the row's (above 1: the row is faster), in "
+                     f"brackets the ratio's range over both rows' p20-p80 ranges; 'within noise' when those ranges "
+                     f"overlap (the difference is not shown by this run: more --iters, or run again)")
+    notes += [f"peak MB: {first.extra['peak_mem_kind']} during warm-up and timed steps",
+              f"TFLOP/s: conv + matmul FLOPs of the eager model ({flops}, torch.utils.flop_counter) / median time"]
+    notes += [f"provider {p.name}: {p.description(config)}" for p in providers]
+    if any(p.name.startswith("dla_fast") for p in providers):
+        notes += [f"backend {name}: {_backend_note(dataclasses.replace(config, backend=name))}"
+                  for name in config.backends]
+    if config.autocast_dtype is not None:
+        notes.append(f"dtype {config.dtype}: AMP autocast")
+    return notes
 
 
 def _backend_note(config: BenchConfig) -> str:
-    if config.backend == "auto" and config.device.type != "cuda":
-        return "on the CPU, auto runs the eager path (the fused kernels need a GPU)"
-    return f"kernels of backend {config.backend!r} on {config.device.type}"
+    """What runs inside dla_fast's modules under `config.backend` on the run's device and mode."""
+    from dla_fast.backend import AUTO_CHOICE
+
+    if config.backend == "torch" or (config.backend == "auto" and config.device.type != "cuda"):
+        where = "on the CPU, auto runs" if config.backend == "auto" else "runs"
+        return (f"{where} the eager reference of dla_fast's modules (plain PyTorch, no fused kernels: expect "
+                "eager's speed; the fused kernels need a GPU, or TRITON_INTERPRET=1 with --backend triton)")
+    if config.backend == "auto":
+        note = "dla_fast's fused kernels (Triton, and the extension's where built and faster)"
+        if config.train and AUTO_CHOICE.get("batchnorm_act_training") == "torch":
+            note += ("; the blocks' training BatchNorm + ReLU stay eager under auto (dla_fast.backend.AUTO_CHOICE: "
+                     "--backend triton or cuda forces the fused training BatchNorm)")
+        return note
+    return f"every fused op of dla_fast runs the {config.backend!r} kernels" + (
+        ", the blocks' training BatchNorm + ReLU included" if config.train else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -462,17 +545,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {config.defaults_note}")
     providers = [PROVIDERS[name] for name in config.providers]
     if distributed.launched():  # torchrun: the data-parallel training step (dla_fast.cli.distributed)
+        if len(config.backends) > 1:
+            raise UsageError(f"--backend {','.join(config.backends)}: under torchrun, give one backend per run")
         config = dataclasses.replace(config, device=distributed.rank_device(config.device))
         with dla_fast.use_backend(config.backend):
             return distributed.run(args, config, providers, build_model, count_step_flops, make_step, write_records)
     if args.sync_bn:
         raise UsageError("--sync-bn is for data-parallel runs: start bench with torchrun --nproc-per-node N")
     try:
-        with dla_fast.use_backend(config.backend):
-            records = run_benchmarks(config, providers)
-    except (torch.OutOfMemoryError, MemoryError) as e:
-        raise UsageError(f"out of {'GPU ' if config.device.type == 'cuda' else ''}memory at --batch {config.batch} "
-                         f"--size {config.size} ({_first_line(e)}); try a smaller --batch or --size") from None
+        records = run_benchmarks(config, providers)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UsageError(out_of_memory_message(e, config)) from None
     print(format_table(records))
     for line in _footnotes(records, config, providers):
         print(line)
@@ -489,3 +574,43 @@ def run(args: argparse.Namespace) -> int:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# How the allocators word a failed allocation: the CPU's DefaultCPUAllocator ("you tried to allocate 60211200000000
+# bytes"), the CUDA caching allocator ("Tried to allocate 2.00 GiB").
+_CPU_ALLOCATION = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+_CUDA_ALLOCATION = re.compile(r"Tried to allocate ([\d.]+ [KMGTP]?i?B)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure (torch raises plain RuntimeError for the CPU allocator's)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return bool(_CPU_ALLOCATION.search(text)) or "out of memory" in text.lower()
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'; 60211200000000 -> '54.8 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def out_of_memory_message(error: BaseException, config: BenchConfig) -> str:
+    """One line: where memory ran out, the allocation that failed (from the allocator's message), the size of
+    the input batch alone, and what to change."""
+    where = "GPU memory" if config.device.type == "cuda" else "memory"
+    cpu = _CPU_ALLOCATION.search(str(error))
+    cuda = _CUDA_ALLOCATION.search(str(error))
+    if cpu:
+        failed = f"an allocation of {format_bytes(int(cpu.group(1)))} failed"
+    elif cuda:
+        failed = f"an allocation of {cuda.group(1)} failed"
+    else:
+        failed = _first_line(error)
+    input_bytes = 4 * math.prod(config.input_shape)  # the fp32 input the step is timed on
+    return (f"out of {where} at --batch {config.batch} --size {config.size}: {failed} (the fp32 input batch alone "
+            f"is {format_bytes(input_bytes)}); try a smaller --batch or --size")

@@ -31,9 +31,30 @@ from .records import BenchRecord, make_record
 from .timing import Timing, time_iterations
 
 
+# What torch.distributed's env:// rendezvous reads besides WORLD_SIZE (torchrun sets them all).
+RENDEZVOUS_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher) as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value) > 1
+    except ValueError:
+        raise UsageError(f"environment variable WORLD_SIZE={value!r}: not a number of processes (torchrun sets "
+                         "it; unset it for a single-process run)") from None
+
+
+def check_rendezvous_environment() -> None:
+    """UsageError naming the missing variables when WORLD_SIZE asks for several ranks but the rest of what
+    torch.distributed needs to find them is not set (a WORLD_SIZE left in the environment, or a hand-made
+    launch)."""
+    missing = [name for name in RENDEZVOUS_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a data-parallel run, but "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start it with "
+                         "torchrun --nproc-per-node N -m dla_fast bench --train ... (torchrun sets them), or unset "
+                         "WORLD_SIZE for a single-process run")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,13 +130,13 @@ def bench_data_parallel(provider, eager_model: nn.Module, config, step_flops, ma
 
 
 def format_table(records: List[BenchRecord]) -> str:
-    from .records import markdown_table
+    from .records import markdown_table, significant
 
     headers = ["model", "provider", "device", "dtype", "batch/rank", "size", "ranks", "ms p50 (slowest)",
                "images/s per rank", "total images/s", "1 process images/s", "scaling"]
     rows = [[r.op, r.provider, r.device, r.dtype, r.extra["batch"], r.extra["image_size"], r.extra["world_size"],
-             f"{r.ms_p50:.2f}", " / ".join(f"{v:.1f}" for v in r.extra["images_per_s_per_rank"]),
-             f"{r.extra['images_per_s']:.1f}", f"{r.extra['single_process_images_per_s']:.1f}",
+             significant(r.ms_p50, 4), " / ".join(significant(v) for v in r.extra["images_per_s_per_rank"]),
+             significant(r.extra["images_per_s"]), significant(r.extra["single_process_images_per_s"]),
              f"{100 * r.extra['scaling_efficiency']:.0f}%"] for r in records]
     return markdown_table(headers, rows, right_align=[False] * 4 + [True] * 8)
 
@@ -126,10 +147,16 @@ def run(args: argparse.Namespace, config, providers, build_model, count_step_flo
         raise UsageError("under torchrun, bench times the data-parallel training step: add --train")
     if args.sync_bn and config.device.type == "cpu":
         raise UsageError("--sync-bn needs GPUs: DistributedDataParallel refuses SyncBatchNorm layers in CPU modules")
+    check_rendezvous_environment()
     backend = "nccl" if config.device.type == "cuda" else "gloo"
     if config.device.type == "cuda":
         torch.cuda.set_device(config.device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    except (ValueError, RuntimeError) as e:  # bad rendezvous values, the master unreachable (DistNetworkError)
+        raise UsageError(f"could not join the {backend} process group at "
+                         f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} as rank {os.environ['RANK']} of "
+                         f"{os.environ['WORLD_SIZE']}: {e}") from None
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank == 0:

@@ -22,6 +22,7 @@ import functools
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -174,6 +175,17 @@ def read_records(path: str) -> List[BenchRecord]:
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
         raise ValueError(f"{path} is not a dla_fast benchmark file (expected \"format\": \"{RECORD_FORMAT}\")")
     return [BenchRecord.from_dict(r) for r in data["records"]]
+
+
+def significant(value: Optional[float], digits: int = 3) -> str:
+    """`value` with at least `digits` significant digits and no exponent: 3265.3 -> '3265', 12.34 -> '12.3',
+    0.01234 -> '0.0123' (a slow step's images/s stays readable instead of '0.0'); None -> 'n/a'."""
+    if value is None:
+        return "n/a"
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(digits - 1 - math.floor(math.log10(abs(value))), 0)
+    return f"{value:.{decimals}f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right_align: Sequence[bool] = ()) -> str:

@@ -6,7 +6,9 @@
   variant for launches so short that the CPU launch cost would dominate.
 - `PeakMemory`: peak memory over a block of code.
 
-Every timer returns a `Timing`: the 20th, 50th and 80th percentiles in milliseconds.
+Every timer returns a `Timing`: the 20th, 50th and 80th percentiles in milliseconds. `Ratio` compares two
+timings taken in one run: the ratio of the medians, its range over the p20-p80 ranges, and whether the
+difference is within noise.
 """
 from __future__ import annotations
 
@@ -36,6 +38,41 @@ class Timing:
         values = torch.tensor(list(samples_ms), dtype=torch.float64)
         p20, p50, p80 = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
         return cls(p20, p50, p80, method)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """Speed of a row against a reference row measured in the same run: `median` = reference p50 / row p50
+    (> 1: the row is faster); `low`-`high` = the ratio's range over the two p20-p80 ranges (reference p20 /
+    row p80 to reference p80 / row p20); `within_noise` when the two p20-p80 ranges overlap. Under
+    `MIN_SAMPLES` timed calls the percentiles say nothing about the spread, and the verdict says so."""
+
+    median: float
+    low: float
+    high: float
+    within_noise: bool
+    judged: bool = True
+
+    MIN_SAMPLES = 5
+
+    @classmethod
+    def of(cls, row, reference, samples: Optional[int] = None) -> "Ratio":
+        """`row` and `reference`: anything with ms_p20, ms_p50, ms_p80 (a Timing or a benchmark record);
+        `samples`: the fewer timed calls of the two, when known."""
+        overlap = row.ms_p20 <= reference.ms_p80 and reference.ms_p20 <= row.ms_p80
+        return cls(reference.ms_p50 / row.ms_p50, reference.ms_p20 / row.ms_p80, reference.ms_p80 / row.ms_p20,
+                   overlap, judged=samples is None or samples >= cls.MIN_SAMPLES)
+
+    @property
+    def verdict(self) -> str:
+        if not self.judged:
+            return f"noise not judged (under {self.MIN_SAMPLES} timed calls)"
+        if self.within_noise:
+            return "within noise"
+        return "faster" if self.median > 1 else "slower"
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f}) {self.verdict}"
 
 
 def synchronize(device: torch.device) -> None:
