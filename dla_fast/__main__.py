@@ -1,4 +1,4 @@
-"""`python -m dla_fast bench | info` (the `dla-fast` console script runs the same `main`)."""
+"""`python -m dla_fast bench | cost | info` (the `dla-fast` console script runs the same `main`)."""
 import sys
 
 from dla_fast.cli import main

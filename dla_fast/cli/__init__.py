@@ -1,6 +1,7 @@
-"""Command line of dla_fast: `python -m dla_fast bench | info` (also installed as `dla-fast`).
+"""Command line of dla_fast: `python -m dla_fast bench | cost | info` (also installed as `dla-fast`).
 
 - `bench`: latency, throughput and peak memory of a DLA model (inference or a training step).
+- `cost`:  predicted kernels, bytes, FLOPs and time of one step on an H100 (a CPU cost model).
 - `info`:  versions, GPU, the backends usable here and the one in force.
 """
 from __future__ import annotations
@@ -28,11 +29,11 @@ def _program_name() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with one sub-command per module of dla_fast.cli."""
-    from . import bench, info  # they import UsageError from here
+    from . import bench, cost, info  # they import UsageError from here
 
     parser = argparse.ArgumentParser(prog=_program_name(), description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (bench, info):
+    for module in (bench, cost, info):
         summary = module.__doc__.splitlines()[0]
         sub = commands.add_parser(module.__name__.rsplit(".", 1)[-1], help=summary, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
