@@ -87,3 +87,18 @@ class LaunchCounter:
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(kernel_class, "run", counting_run)
+
+
+def assert_same_non_finite(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    """NaN, +Inf and -Inf at exactly the reference's elements, and the finite elements within `tol` relative
+    (max|out - ref| / max|ref| over the elements finite in both)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    for name, pattern in (("NaN", torch.isnan), ("+Inf", lambda t: t == float("inf")),
+                          ("-Inf", lambda t: t == float("-inf"))):
+        got, expected = pattern(out), pattern(ref)
+        assert torch.equal(got, expected), (f"{what}: {name} at {int(got.sum())} elements, the reference at "
+                                            f"{int(expected.sum())} ({int((got != expected).sum())} differ)")
+    finite = torch.isfinite(ref)
+    if finite.any():
+        assert_close(out[finite], ref[finite], tol, what)

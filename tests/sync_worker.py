@@ -332,10 +332,30 @@ def accelerated_sync_batchnorm(model, convert_first: bool):
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(dla_fast.accelerate(model))
 
 
-def _model_step(rank, name, convert_first, compiled=False):
+def record_module_gradients(model, names) -> dict:
+    """Hooks recording, for each named child, its input, its output's gradient and its input's gradient
+    ({name: {"input", "grad_out", "grad_in"}}, filled by the forward and backward that follow)."""
+    records = {name: {} for name in names}
+
+    def hook(name):
+        def forward_hook(module, inputs, output):
+            record = records[name]
+            record["input"] = inputs[0].detach().clone()
+            if inputs[0].requires_grad:
+                inputs[0].register_hook(lambda g: record.__setitem__("grad_in", g.detach().clone()))
+            output.register_hook(lambda g: record.__setitem__("grad_out", g.detach().clone()))
+        return forward_hook
+
+    for name in names:
+        getattr(model, name).register_forward_hook(hook(name))
+    return records
+
+
+def _model_step(rank, name, convert_first, compiled=False, recorded=()):
     import dla_fast
 
     model = accelerated_sync_batchnorm(build_model(name).train(), convert_first)
+    records = record_module_gradients(model, recorded)
     recorder = GraphRecorder()
     run = torch.compile(model, backend=recorder) if compiled else model
     x, seed = model_batch()
@@ -349,12 +369,13 @@ def _model_step(rank, name, convert_first, compiled=False):
     plain_bns = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
     return dict(out=flat_outputs(out), grads={n: p.grad for n, p in model.named_parameters()},
                 buffers={n: b for n, b in model.named_buffers()}, restored=(sync_bns, plain_bns), kernels=kernels,
-                graph_ops=recorder.graph_ops)
+                graph_ops=recorder.graph_ops, modules=records)
 
 
 def scenario_dla34(rank):
-    """DLA-34 converted to SyncBatchNorm, then accelerated: one training step in Triton (interpreter)."""
-    return _model_step(rank, "dla34", convert_first=True)
+    """DLA-34 converted to SyncBatchNorm, then accelerated: one training step in Triton (interpreter), recording
+    the fused conv-BN-ReLU stacks level0 and level1 (input, output gradient, input gradient)."""
+    return _model_step(rank, "dla34", convert_first=True, recorded=("level0", "level1"))
 
 
 def scenario_centernet(rank):

@@ -7,7 +7,7 @@ import dla_fast
 from dla_fast.ops.deform_conv import (deform_conv2d, deform_conv2d_backward, deform_conv2d_bwd, deform_conv2d_forward,
                                       deform_conv2d_fwd, launch)
 
-from helpers import LaunchCounter, poisoned_allocations, rel_err
+from helpers import LaunchCounter, assert_same_non_finite, poisoned_allocations, rel_err
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -234,6 +234,96 @@ def test_backward_entry_with_offset_mask(impl, monkeypatch):
         assert rel_err(got, want) < 1e-5, f"grad of {name}"
     assert partial[0] is None and partial[2] is None and partial[3] is None and partial[4] is None
     assert rel_err(partial[1], exact[1]) < 1e-5
+
+
+def _adversarial(case, dtype):
+    """(tensors, conv) with non-finite values or samples exactly on the range boundary. One input channel group
+    of 2 channels, 3 output channels, 4x6 image (W even: torchvision turns a NaN y offset into the row index
+    INT_MIN + 1, and INT_MIN * W wraps to 0 for an even W, so its read stays in the image; a NaN x offset makes
+    it read outside the allocation, so only y offsets are NaN here), padding 1."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(1, 2, 4, 6, generator=g) + 0.5
+    weight = torch.rand(3, 2, 3, 3, generator=g) + 0.1  # positive: an Inf sample stays Inf through the sum
+    offset = (torch.rand(1, 18, 4, 6, generator=g) * 4 - 2).round()  # integer: corners at weight 0 and y = -1
+    mask = torch.rand(1, 9, 4, 6, generator=g) + 0.5
+    if case == "nan-pixel-0-0":
+        x[0, 0, 0, 0] = float("nan")
+    elif case == "inf-pixel-0-0-zero-offsets":
+        x[0, 1, 0, 0] = float("inf")
+        offset.zero_()
+    elif case == "inf-and-nan-pixels":
+        x[0, 0, 0, 0], x[0, 1, 3, 5], x[0, 0, 2, 3] = float("inf"), float("-inf"), float("nan")
+    elif case == "row-0-nan-samples-at-y-minus-1":
+        x[0, :, 0, :] = float("nan")
+        tap_row = torch.arange(9).div(3, rounding_mode="floor")
+        out_row = torch.arange(4)
+        offset[0, 0::2] = -(tap_row[:, None, None] + out_row[None, :, None]).float()  # y = -1 for every sample
+        offset[:, 1::2] = torch.rand(1, 9, 4, 6, generator=g) * 6 - 1
+    elif case == "non-finite-offsets-and-mask":
+        offset = offset + torch.rand(offset.shape, generator=g) - 0.5
+        offset[0, 0, 1, 1] = float("nan")
+        offset[0, 2, 2, 3] = float("nan")
+        offset[0, 4, 0, 0] = float("inf")
+        offset[0, 5, 3, 2] = float("-inf")
+        offset[0, 7, 2, 2] = float("inf")
+        mask[0, 1, 3, 3] = float("nan")
+        mask[0, 2, 0, 0] = float("inf")  # times the 0 of the infinite offset's sample: NaN
+        mask[0, 4, 1, 4] = float("inf")
+    conv = (1, 1, 1)
+    tensors = dict(input=x, offset=offset, weight=weight, bias=torch.randn(3, generator=g), mask=mask)
+    return {n: t.to(dtype) for n, t in tensors.items()}, conv
+
+
+ADVERSARIAL = ("nan-pixel-0-0", "inf-pixel-0-0-zero-offsets", "inf-and-nan-pixels",
+               "row-0-nan-samples-at-y-minus-1", "non-finite-offsets-and-mask")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float64), ("torch", torch.float32),
+                                        (KERNEL_BACKEND, torch.float32)])
+@pytest.mark.parametrize("case", ADVERSARIAL)
+def test_non_finite_values_and_boundary_samples_follow_torchvision(case, impl, dtype):
+    """NaN / +Inf / -Inf at exactly torchvision's output elements (a corner outside the image is never read, a
+    sample at y <= -1 is 0, a NaN coordinate gives NaN, the mask multiplies the bilinear sum), and the
+    finite elements equal."""
+    tensors, conv = _adversarial(case, dtype)
+    expected = torchvision.ops.deform_conv2d(tensors["input"], tensors["offset"], tensors["weight"],
+                                             tensors["bias"], *conv, mask=tensors["mask"])
+    # adversarial: non-finite outputs, except where every sample sits at y = -1 (0, row 0 is never read)
+    assert expected.isfinite().all() == (case == "row-0-nan-samples-at-y-minus-1")
+    with dla_fast.use_backend(impl), poisoned_allocations():
+        out = deform_conv2d(tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"], *conv,
+                            mask=tensors["mask"])
+    assert_same_non_finite(out, expected, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", ["torch", KERNEL_BACKEND])
+@pytest.mark.parametrize("case", ["nan-pixel-0-0", "row-0-nan-samples-at-y-minus-1"])
+def test_gradients_with_non_finite_pixels_follow_torchvision(case, impl):
+    """Every gradient has NaN / Inf at torchvision's elements when the image holds NaN / Inf (the offset
+    gradient reads the corners without the range test, as torchvision's)."""
+    tensors, conv = _adversarial(case, torch.float32)
+    grad_out = torch.rand(1, 3, 4, 6, generator=torch.Generator().manual_seed(3)) + 0.5
+    _, expected = _run(torchvision.ops.deform_conv2d, tensors, conv, grad_out)
+    with dla_fast.use_backend(impl), poisoned_allocations():
+        _, grads = _run(deform_conv2d, tensors, conv, grad_out)
+    for name, want in expected.items():
+        assert_same_non_finite(grads[name], want, 1e-4, f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", ["torch", KERNEL_BACKEND])
+@pytest.mark.parametrize("argument,dtype", [("offset", torch.float16), ("offset", torch.float64),
+                                            ("mask", torch.float64), ("mask", torch.float16)])
+def test_offset_and_mask_dtypes_must_match_the_input(impl, argument, dtype):
+    """torchvision refuses an offset or mask in another dtype than the input's; so does the op, naming it."""
+    tensors, conv = _adversarial("nan-pixel-0-0", torch.float32)
+    tensors[argument] = tensors[argument].to(dtype)
+    args = (tensors["input"], tensors["offset"], tensors["weight"], tensors["bias"], *conv)
+    with pytest.raises(RuntimeError):
+        torchvision.ops.deform_conv2d(*args, mask=tensors["mask"])
+    with dla_fast.use_backend(impl), pytest.raises(TypeError, match=f"{argument} has dtype {dtype}, the input"):
+        deform_conv2d(*args, mask=tensors["mask"])
 
 
 @pytest.mark.interpreter

@@ -300,6 +300,18 @@ def test_accelerated_dla34_with_sync_batchnorm_equals_one_process(runs):
     _check_against_whole_batch("dla34", runs["dla34"])
 
 
+@pytest.mark.parametrize("module", ["level0", "level1"])
+def test_fused_stack_input_gradient_with_unequal_local_batches(runs, module):
+    """The fused conv-BN-ReLU stacks of DLA-34 with SyncBatchNorm on local batches of 3 and 1 images: each
+    rank's input gradient, concatenated, equals the module's nn.BatchNorm2d gradient on the whole batch (fp64,
+    the recorded inputs and output gradients) within the fp32 gradient bound."""
+    records = [r["modules"][module] for r in runs["dla34"]]
+    reference = copy.deepcopy(getattr(worker.build_model("dla34"), module)).double().train()
+    x = torch.cat([r["input"] for r in records]).double().requires_grad_(True)
+    reference(x).backward(torch.cat([r["grad_out"] for r in records]).double())
+    assert_close(torch.cat([r["grad_in"] for r in records]), x.grad, 1e-4, f"{module} input gradient")
+
+
 def test_accelerated_centernet_converted_after_accelerate_equals_one_process(runs):
     _check_against_whole_batch("centernet", runs["centernet"])
 

@@ -69,8 +69,10 @@ class FoldedDCN(FoldedConvBN):
         self._cache = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, finite = self._folded(compute_dtype(x))
+        if not finite:  # degenerate statistics: unfolded, BatchNorm's NaN / Inf pattern (FoldedConvBN._folded)
+            return deform_conv_bn_relu(self.conv, self.bn, x)
         offset_mask = self.conv.conv_offset_mask(x)
-        weight, bias = self.folded(compute_dtype(x))
         return dcn_block_inference(x, offset_mask, weight, bias, padding=_PADDING)
 
 

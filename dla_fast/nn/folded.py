@@ -65,7 +65,7 @@ class FoldedConvBN:
         if reason:
             raise ValueError(f"cannot fold this conv and BatchNorm: {reason}")
         self.conv, self.bn = conv, bn
-        self._cache: Dict[torch.dtype, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._cache: Dict[torch.dtype, Tuple[tuple, torch.Tensor, torch.Tensor, bool]] = {}
 
     def tensors(self) -> List[Optional[torch.Tensor]]:
         conv, bn = self.conv, self.bn
@@ -77,23 +77,34 @@ class FoldedConvBN:
     def folded(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) with the BatchNorm folded in, in `dtype`: cached per dtype (one entry each), refolded
         when any source tensor changed in place, was replaced or moved."""
+        return self._folded(dtype)[:2]
+
+    def _folded(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """(weight, bias, finite): `finite` says whether every folded value is finite. Degenerate statistics
+        (running_var + eps == 0, or a scale that overflows `dtype`) make the fold non-finite, and a folded
+        scale of Inf turns the conv's sums into Inf - Inf = NaN where BatchNorm's (y - mean) / sqrt(var + eps)
+        * weight + bias gives +-Inf: the callers then run the unfolded path (conv, then the BatchNorm's
+        running-statistics normalization), which has that formula's NaN / Inf pattern. Checked on the host
+        once per fold (not under torch.compile or CUDA-graph capture, which cannot read a value back)."""
         tensors, eps = self.tensors(), self.bn.eps
         if torch.compiler.is_compiling():  # traced: folded in the graph, no Python-side state
-            return fold_batchnorm(*tensors, eps, dtype)
+            return (*fold_batchnorm(*tensors, eps, dtype), True)
         if any(t is not None and t.is_inference() for t in tensors):  # no version counter: fold every call
-            return fold_batchnorm(*tensors, eps, dtype)
+            return _checked(*fold_batchnorm(*tensors, eps, dtype))
         stamp = tuple((t._version, t.data_ptr(), t.device) if t is not None else None for t in tensors) + (eps,)
         hit = self._cache.get(dtype)
         if hit is None or hit[0] != stamp:
-            hit = self._cache[dtype] = (stamp, *fold_batchnorm(*tensors, eps, dtype))
-        return hit[1], hit[2]
+            hit = self._cache[dtype] = (stamp, *_checked(*fold_batchnorm(*tensors, eps, dtype)))
+        return hit[1], hit[2], hit[3]
 
     def cached(self) -> List[torch.Tensor]:
         """The folded weights and biases held now (CUDAGraphInference keeps them alive for its graphs)."""
-        return [t for _, weight, bias in self._cache.values() for t in (weight, bias)]
+        return [t for _, weight, bias, _ in self._cache.values() for t in (weight, bias)]
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
-        weight, bias = self.folded(compute_dtype(x))
+        weight, bias, finite = self._folded(compute_dtype(x))
+        if not finite:
+            return self.unfolded(x, residual, relu)
         conv = self.conv
         return conv_bias_act(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual, relu)
 
@@ -108,6 +119,13 @@ class FoldedConvBN:
             residual = residual.to(y.dtype)
         return batchnorm_act(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                              bn.training, bn.momentum, bn.eps, residual, relu, **sync_args(bn))
+
+
+def _checked(weight: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(weight, bias, whether both are finite) of a fold; finite is assumed while a CUDA graph is captured."""
+    if weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return weight, bias, True
+    return weight, bias, bool(torch.isfinite(weight).all() and torch.isfinite(bias).all())
 
 
 def synchronized(pairs: List[FoldedConvBN]) -> bool:

@@ -15,7 +15,11 @@ deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
     - mask [B, G*kh*kw, Ho, Wo] or None (channel g*kh*kw + k);
     - the sample of tap (i, j) at output (ho, wo) is taken at y = ho*sh - ph + i*dh + dy, x = wo*sw - pw + j*dw
       + dx by bilinear interpolation with torchvision's boundary rule: 0 when y <= -1, y >= H, x <= -1 or
-      x >= W; otherwise each of the four corners outside the image contributes 0;
+      x >= W (nothing read); otherwise each of the four corners outside the image contributes 0 (never read)
+      and each corner inside is read even at weight 0, so NaN / Inf in the input, offsets and mask give
+      torchvision's NaN / Inf pattern (a NaN coordinate gives a NaN sample; the mask multiplies the bilinear
+      sum), on every backend;
+    - offset and mask must have the input's dtype (TypeError naming the argument, as torchvision refuses them);
     - returns [B, Cout, Ho, Wo] in the input's dtype, channels_last memory format.
     Offsets, coordinates and bilinear weights are fp32 always; products accumulate in fp32. fp32 GEMMs are
     IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set (as torchvision's matmul would be).

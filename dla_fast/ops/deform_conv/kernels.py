@@ -7,8 +7,13 @@ strides, so NCHW, channels_last and views into CenterNet's offset-mask tensor ar
 
 Runtime flags (uniform branches, not constexprs, so one compiled kernel per tile shape serves every mode):
 mask_mode 0 = no mask, 1 = mask given, 2 = sigmoid of the given logits (offset-mask mode).
-Bilinear rule (torchvision's): each of the four corners outside the image contributes 0; coordinates are
-clamped to [-2, H+1] x [-2, W+1] first (every corner is outside there anyway), so floor() stays in range.
+Bilinear rule (torchvision's, NaN and Inf included): a sample with y <= -1, y >= H, x <= -1 or x >= W is 0;
+otherwise the sum over the four corners of weight * value, a corner outside the image contributing 0 (its load
+masked off) and a corner inside being read even at weight 0; a NaN coordinate (not outside by that test)
+gives a NaN sample. The column is modulation * sample. Coordinates are clamped to [-2, H+1] x [-2, W+1] for
+the corner indices (every corner is outside there anyway; a NaN coordinate is taken at -2), so floor() stays
+in range. The offset gradient is torchvision's corner-difference formula, which has no range test (at y = -1
+the corner row 0 has weight 0 and slope 1).
 """
 from .._triton import tl, triton
 
@@ -18,8 +23,10 @@ from .._triton import tl, triton
 def _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w, mask_mode,
                     b, ho, wo, mask_m, group, tap, taps, KW, H, W,
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
-    """Sampling coordinates (fp32, clamped) and modulation of one tap and offset group for a row tile, plus the
-    raw mask value (the logit in mask_mode 2) for the mask gradient."""
+    """Sampling coordinates (fp32, clamped, NaN taken at -2) and modulation of one tap and offset group for a row
+    tile, the raw mask value (the logit in mask_mode 2) for the mask gradient, `outside` (torchvision's range
+    test: the sample is 0) and `poison` (NaN where a coordinate is NaN and the sample not outside, else 0: added
+    to the sample)."""
     ki = tap // KW
     kj = tap - ki * KW
     ch = 2 * (group * taps + tap)
@@ -28,8 +35,11 @@ def _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h,
     dx = tl.load(off + (ch + 1) * so_c, mask=mask_m, other=0.0).to(tl.float32)
     y = (ho * stride_h - pad_h + ki * dil_h).to(tl.float32) + dy
     x = (wo * stride_w - pad_w + kj * dil_w).to(tl.float32) + dx
-    y = tl.minimum(tl.maximum(y, -2.0), (H + 1).to(tl.float32))
-    x = tl.minimum(tl.maximum(x, -2.0), (W + 1).to(tl.float32))
+    outside = (y <= -1.0) | (y >= H) | (x <= -1.0) | (x >= W)
+    undefined = (y != y) | (x != x)
+    poison = tl.where(undefined & ~outside, float("nan"), 0.0)
+    y = tl.where(undefined, -2.0, tl.minimum(tl.maximum(y, -2.0), (H + 1).to(tl.float32)))
+    x = tl.where(undefined, -2.0, tl.minimum(tl.maximum(x, -2.0), (W + 1).to(tl.float32)))
     raw = tl.full(y.shape, 1.0, tl.float32)
     modulation = raw
     if mask_mode != 0:
@@ -40,7 +50,7 @@ def _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h,
             modulation = tl.where(raw >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         else:
             modulation = raw
-    return y, x, modulation, raw
+    return y, x, modulation, raw, outside, poison
 
 
 @triton.jit
@@ -73,13 +83,16 @@ def _load_corner(x_ptr, rows, valid, Cin, offs_c, mask_c):
 
 
 @triton.jit
-def _sample_tile(x_ptr, r00, W, v00, v01, v10, v11, w00, w01, w10, w11, Cin, offs_c, mask_c):
-    """Bilinear samples [BLOCK_M, BLOCK_C] in fp32: sum over corners of weight * value."""
-    a = w00[:, None] * _load_corner(x_ptr, r00, v00, Cin, offs_c, mask_c)
-    a += w01[:, None] * _load_corner(x_ptr, r00 + 1, v01, Cin, offs_c, mask_c)
-    a += w10[:, None] * _load_corner(x_ptr, r00 + W, v10, Cin, offs_c, mask_c)
-    a += w11[:, None] * _load_corner(x_ptr, r00 + W + 1, v11, Cin, offs_c, mask_c)
-    return a
+def _column_tile(x_ptr, r00, W, v00, v01, v10, v11, ly, lx, modulation, outside, poison, Cin, offs_c, mask_c):
+    """Mask-scaled bilinear samples [BLOCK_M, BLOCK_C] in fp32: modulation * (0 if outside, else the sum over
+    corners of weight * value, + poison); 0 in the lanes of channels past the group (an Inf modulation there
+    must not make NaN against the zero weight rows)."""
+    a = ((1.0 - ly) * (1.0 - lx))[:, None] * _load_corner(x_ptr, r00, v00, Cin, offs_c, mask_c)
+    a += ((1.0 - ly) * lx)[:, None] * _load_corner(x_ptr, r00 + 1, v01, Cin, offs_c, mask_c)
+    a += (ly * (1.0 - lx))[:, None] * _load_corner(x_ptr, r00 + W, v10, Cin, offs_c, mask_c)
+    a += (ly * lx)[:, None] * _load_corner(x_ptr, r00 + W + 1, v11, Cin, offs_c, mask_c)
+    a = tl.where(outside[:, None], 0.0, a + poison[:, None]) * modulation[:, None]
+    return tl.where(mask_c[None, :], a, 0.0)
 
 
 @triton.jit
@@ -122,17 +135,16 @@ def deform_conv_fwd_kernel(
         rest = step - tap * (G * chunks)
         group = rest // chunks
         c0 = (rest - group * chunks) * BLOCK_K
-        y, x, modulation, _ = _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w,
-                                              mask_mode, b, ho, wo, mask_m, group, tap, taps, KW, H, W,
-                                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+        y, x, modulation, _, outside, poison = _sampling_point(
+            off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w, mask_mode, b, ho, wo, mask_m, group,
+            tap, taps, KW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
         r00 = _pixel_row(image_base, y0, x0, W)
         offs_k = c0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < Cg
         channels = group * Cg + offs_k
-        a = _sample_tile(x_ptr, r00, W, v00, v01, v10, v11,
-                         (1.0 - ly) * (1.0 - lx) * modulation, (1.0 - ly) * lx * modulation,
-                         ly * (1.0 - lx) * modulation, ly * lx * modulation, Cin, channels, mask_k)
+        a = _column_tile(x_ptr, r00, W, v00, v01, v10, v11, ly, lx, modulation, outside, poison, Cin, channels,
+                         mask_k)
         w_tile = tl.load(w_ptr + (tap * Cin + channels)[:, None].to(tl.int64) * Cout + offs_n[None, :],
                          mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a.to(w_ptr.dtype.element_ty), w_tile, acc, input_precision=DOT_PRECISION)
@@ -172,7 +184,7 @@ def deform_conv_grad_sample_kernel(
     - offset_grad: with s_k = sum_c dcol * v_k over the group's channels for the corners k (reduced in
       registers: the program owns these outputs, no atomics), d/dy = modulation * ((1-lx)(s10 - s00) +
       lx (s11 - s01)), d/dx = modulation * ((1-ly)(s01 - s00) + ly (s11 - s10)), d/dmask = sum_k w_k s_k
-      (times s(1-s) in mask_mode 2).
+      (0 for a sample outside the range test; times s(1-s) in mask_mode 2); a NaN coordinate's are NaN.
     """
     pid_m = tl.program_id(0)
     pid_tg = tl.program_id(1)
@@ -181,9 +193,9 @@ def deform_conv_grad_sample_kernel(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     b, ho, wo = _row_position(offs_m, Ho, Wo)
-    y, x, modulation, raw = _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w,
-                                            mask_mode, b, ho, wo, mask_m, group, tap, taps, KW, H, W,
-                                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+    y, x, modulation, raw, outside, poison = _sampling_point(
+        off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w, mask_mode, b, ho, wo, mask_m, group, tap,
+        taps, KW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
     r00 = _pixel_row(b * H * W, y0, x0, W)
     # Per-corner channel sums s_k = sum_c dcol * value_k: the offset and mask gradients are combinations of
@@ -223,14 +235,15 @@ def deform_conv_grad_sample_kernel(
             s10 += tl.sum(dcol * _load_corner(x_ptr, r00 + W, v10, Cin, channels, mask_c), axis=1)
             s11 += tl.sum(dcol * _load_corner(x_ptr, r00 + W + 1, v11, Cin, channels, mask_c), axis=1)
     if offset_grad:
-        grad_y = ((1.0 - lx) * (s10 - s00) + lx * (s11 - s01)) * modulation
-        grad_x = ((1.0 - ly) * (s01 - s00) + ly * (s11 - s10)) * modulation
+        grad_y = ((1.0 - lx) * (s10 - s00) + lx * (s11 - s01) + poison) * modulation
+        grad_x = ((1.0 - ly) * (s01 - s00) + ly * (s11 - s10) + poison) * modulation
         ch = 2 * (group * taps + tap)
         goff = grad_off_ptr + b * go_b + ho * go_h + wo * go_w
         tl.store(goff + ch * go_c, grad_y.to(grad_off_ptr.dtype.element_ty), mask=mask_m)
         tl.store(goff + (ch + 1) * go_c, grad_x.to(grad_off_ptr.dtype.element_ty), mask=mask_m)
         if mask_mode != 0:
             grad_m = ((1.0 - ly) * ((1.0 - lx) * s00 + lx * s01) + ly * ((1.0 - lx) * s10 + lx * s11))
+            grad_m = tl.where(outside, 0.0, grad_m + poison)
             if mask_mode == 2:
                 grad_m = grad_m * modulation * (1.0 - modulation)
             tl.store(grad_mask_ptr + b * gm_b + (group * taps + tap) * gm_c + ho * gm_h + wo * gm_w,
@@ -271,14 +284,13 @@ def deform_conv_grad_weight_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
         b, ho, wo = _row_position(offs_m, Ho, Wo)
-        y, x, modulation, _ = _sampling_point(off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w,
-                                              mask_mode, b, ho, wo, mask_m, group, tap, taps, KW, H, W,
-                                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+        y, x, modulation, _, outside, poison = _sampling_point(
+            off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w, mask_mode, b, ho, wo, mask_m, group,
+            tap, taps, KW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
         r00 = _pixel_row(b * H * W, y0, x0, W)
-        a = _sample_tile(x_ptr, r00, W, v00, v01, v10, v11,
-                         (1.0 - ly) * (1.0 - lx) * modulation, (1.0 - ly) * lx * modulation,
-                         ly * (1.0 - lx) * modulation, ly * lx * modulation, Cin, channels, mask_c)
+        a = _column_tile(x_ptr, r00, W, v00, v01, v10, v11, ly, lx, modulation, outside, poison, Cin, channels,
+                         mask_c)
         g_t = tl.load(grad_out_ptr + offs_m[None, :] * Cout + offs_co[:, None],
                       mask=mask_m[None, :] & mask_co[:, None], other=0.0)
         acc = tl.dot(g_t, a.to(grad_out_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)

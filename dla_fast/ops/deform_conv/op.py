@@ -37,6 +37,13 @@ def _check_tensor(t: torch.Tensor, name: str, device: torch.device) -> None:
                          "on one device")
 
 
+def _check_sampling_dtype(t: torch.Tensor, name: str, input: torch.Tensor) -> None:
+    """torchvision refuses offsets and masks whose dtype is not the input's; so does this op (every backend)."""
+    if t.dtype != input.dtype:
+        raise TypeError(f"deform_conv2d: {name} has dtype {t.dtype}, the input {input.dtype}; they must match "
+                        "(as torchvision.ops.deform_conv2d)")
+
+
 def check_inputs(input: torch.Tensor, weight: torch.Tensor, offset: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None, offset_mask: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1,
@@ -78,6 +85,7 @@ def check_inputs(input: torch.Tensor, weight: torch.Tensor, offset: Optional[tor
             raise ValueError("deform_conv2d: offset_mask carries the mask logits; do not pass mask with it")
         om = offset_mask
         _check_tensor(om, "offset_mask", device)
+        _check_sampling_dtype(om, "offset_mask", input)
         groups = om.shape[1] // (3 * taps) if om.dim() == 4 else 0
         if (om.dim() != 4 or groups == 0 or om.shape[1] != 3 * groups * taps or cin % groups != 0
                 or tuple(om.shape[::2]) != (b, ho) or om.shape[3] != wo):
@@ -86,6 +94,7 @@ def check_inputs(input: torch.Tensor, weight: torch.Tensor, offset: Optional[tor
                              f"got {tuple(om.shape)}")
     else:
         _check_tensor(offset, "offset", device)
+        _check_sampling_dtype(offset, "offset", input)
         groups = offset.shape[1] // (2 * taps) if offset.dim() == 4 else 0
         if (offset.dim() != 4 or groups == 0 or offset.shape[1] != 2 * groups * taps or cin % groups != 0
                 or offset.shape[0] != b or tuple(offset.shape[2:]) != (ho, wo)):
@@ -93,6 +102,7 @@ def check_inputs(input: torch.Tensor, weight: torch.Tensor, offset: Optional[tor
                              f"{ho}, {wo}) with G offset groups dividing Cin={cin}; got {tuple(offset.shape)}")
         if mask is not None:
             _check_tensor(mask, "mask", device)
+            _check_sampling_dtype(mask, "mask", input)
             if tuple(mask.shape) != (b, groups * taps, ho, wo):
                 raise ValueError(f"deform_conv2d: mask must have shape (B, G*kh*kw, Ho, Wo) = "
                                  f"{(b, groups * taps, ho, wo)} (G={groups} offset groups); got {tuple(mask.shape)}")
