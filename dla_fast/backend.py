@@ -14,6 +14,11 @@ The choice comes from `set_backend(name)` / `use_backend(name)`, else the enviro
 
 Asking for a backend that cannot run on the tensors at hand raises `BackendUnavailable`; nothing falls
 back silently.
+
+While a model is exported to a portable format — `torch.onnx.export` (the dynamo-based and the TorchScript-based
+exporter) or `torch.jit.trace` — every op runs its eager reference whatever the backend (`exporting_portable`):
+the exported graph then holds standard operators only (conv, BatchNorm, add, ReLU, transposed conv,
+torchvision's deformable conv -> ONNX DeformConv), which onnxruntime, TensorRT and TorchScript run.
 """
 from __future__ import annotations
 
@@ -167,6 +172,12 @@ def _warn_eager_without_triton() -> None:
                   "the package 'triton'", RuntimeWarning, stacklevel=3)
 
 
+def exporting_portable() -> bool:
+    """Whether a portable export is being traced: torch.onnx.export (either exporter) or torch.jit.trace. The
+    fused kernels are not ONNX or TorchScript operators, so every op then runs its eager reference."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 @torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None) -> str:
     """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device` and `dtype`.
@@ -175,8 +186,11 @@ def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None
     `AUTO_CHOICE`) and eager for the rest (CPU tensors, fp64; every tensor when Triton is not importable, with
     one RuntimeWarning per process). An explicit backend that cannot run (not
     available here, or a dtype its kernels do not take) raises BackendUnavailable naming the reason. Under
-    torch.compile the answer is taken once, while tracing, and kept by the compiled graph.
+    torch.compile the answer is taken once, while tracing, and kept by the compiled graph. While exporting to
+    ONNX or tracing with torch.jit (`exporting_portable`): 'torch', whatever the backend.
     """
+    if exporting_portable():
+        return "torch"
     name = get_backend()
     fused_dtype = dtype is None or dtype in FUSED_DTYPES
     if name == "auto":
