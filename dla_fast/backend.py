@@ -155,6 +155,19 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     return _cuda_reason(device)
 
 
+def require_traced(impl: str, device: torch.device, op: str) -> None:
+    """BackendUnavailable unless backend `impl` ('triton' or 'cuda'), which a traced graph (torch.compile,
+    torch.export, a saved ExportedProgram) passed to op `op` as chosen while tracing, can run on `device` here:
+    a program exported where the extension was built and loaded where it is not, or exported with the Triton
+    interpreter and run without it, says so instead of failing inside a kernel launch."""
+    reason = unavailable_reason(impl, device)
+    if reason is not None:
+        raise BackendUnavailable(
+            f"dla_fast op {op!r} was traced with backend {impl!r} (torch.compile and torch.export choose the backend "
+            f"while tracing and keep it in the graph), which cannot run here: {reason}. Export again on this "
+            "machine, or under dla_fast.use_backend() naming a backend it can run")
+
+
 def available_backends() -> dict[str, str | None]:
     """Each backend name mapped to None (usable on this machine) or the reason it is not."""
     return {name: unavailable_reason(name) for name in BACKENDS}
