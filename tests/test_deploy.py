@@ -303,3 +303,26 @@ def test_head_tuple_traces_centernet_style_models(case, accelerated):
 def test_head_tuple_needs_heads():
     with pytest.raises(ValueError, match="heads"):
         dla_fast.models.HeadTuple(dla_fast.create_model("dla34"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TorchScript of the plain backbones
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kwargs", [("dla34", {}), ("dla34", {"features_only": True, "out_indices": (2, 4)}),
+                                         ("dla102x", {}), ("dla60_res2net", {})],
+                         ids=["dla34", "dla34-features", "dla102x", "dla60_res2net"])
+def test_torchscript_of_a_plain_backbone_equals_eager(name, kwargs, tmp_path):
+    """torch.jit.script of a plain DLA (BasicBlock; Bottleneck X with residual roots; Res2Net; the classifier
+    and features_only forms), saved and loaded back: the same outputs as the eager model."""
+    model = _model(name, kwargs, accelerated=False)
+    scripted = torch.jit.script(model)
+    torch.jit.save(scripted, str(tmp_path / "model.pt"))
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = _leaves(model(x))
+        out = _leaves(loaded(x))
+    assert len(out) == len(ref)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert_close(a, b, TOL, f"scripted output {i}")
