@@ -14,6 +14,11 @@ The choice comes from `set_backend(name)` / `use_backend(name)`, else the enviro
 
 Asking for a backend that cannot run on the tensors at hand raises `BackendUnavailable`; nothing falls
 back silently.
+
+While a model is exported to a portable format — `torch.onnx.export` (the dynamo-based and the TorchScript-based
+exporter) or `torch.jit.trace` — every op runs its eager reference whatever the backend (`exporting_portable`):
+the exported graph then holds standard operators only (conv, BatchNorm, add, ReLU, transposed conv,
+torchvision's deformable conv -> ONNX DeformConv), which onnxruntime, TensorRT and TorchScript run.
 """
 from __future__ import annotations
 
@@ -150,6 +155,19 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     return _cuda_reason(device)
 
 
+def require_traced(impl: str, device: torch.device, op: str) -> None:
+    """BackendUnavailable unless backend `impl` ('triton' or 'cuda'), which a traced graph (torch.compile,
+    torch.export, a saved ExportedProgram) passed to op `op` as chosen while tracing, can run on `device` here:
+    a program exported where the extension was built and loaded where it is not, or exported with the Triton
+    interpreter and run without it, says so instead of failing inside a kernel launch."""
+    reason = unavailable_reason(impl, device)
+    if reason is not None:
+        raise BackendUnavailable(
+            f"dla_fast op {op!r} was traced with backend {impl!r} (torch.compile and torch.export choose the backend "
+            f"while tracing and keep it in the graph), which cannot run here: {reason}. Export again on this "
+            "machine, or under dla_fast.use_backend() naming a backend it can run")
+
+
 def available_backends() -> dict[str, str | None]:
     """Each backend name mapped to None (usable on this machine) or the reason it is not."""
     return {name: unavailable_reason(name) for name in BACKENDS}
@@ -167,6 +185,12 @@ def _warn_eager_without_triton() -> None:
                   "the package 'triton'", RuntimeWarning, stacklevel=3)
 
 
+def exporting_portable() -> bool:
+    """Whether a portable export is being traced: torch.onnx.export (either exporter) or torch.jit.trace. The
+    fused kernels are not ONNX or TorchScript operators, so every op then runs its eager reference."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 @torch.compiler.assume_constant_result
 def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None) -> str:
     """The concrete implementation ('torch', 'triton' or 'cuda') to run `op` on tensors of `device` and `dtype`.
@@ -175,8 +199,11 @@ def resolve(device: torch.device, op: str = "", dtype: torch.dtype | None = None
     `AUTO_CHOICE`) and eager for the rest (CPU tensors, fp64; every tensor when Triton is not importable, with
     one RuntimeWarning per process). An explicit backend that cannot run (not
     available here, or a dtype its kernels do not take) raises BackendUnavailable naming the reason. Under
-    torch.compile the answer is taken once, while tracing, and kept by the compiled graph.
+    torch.compile the answer is taken once, while tracing, and kept by the compiled graph. While exporting to
+    ONNX or tracing with torch.jit (`exporting_portable`): 'torch', whatever the backend.
     """
+    if exporting_portable():
+        return "torch"
     name = get_backend()
     fused_dtype = dtype is None or dtype in FUSED_DTYPES
     if name == "auto":

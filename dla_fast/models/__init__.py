@@ -7,6 +7,7 @@ from .upsample import bilinear_upsample, bilinear_weights_
 from .dla_up import DLASeg, DLAUp, IDAUp
 from .centernet import CenterNet, DLAUpAdd, IDAConv, IDAUpAdd, ModulatedDeformConv3x3
 from .centertrack import CenterTrack, CenterTrackDLA
+from .head_tuple import HeadTuple
 
 __all__ = [
     "BasicBlock", "Bottle2neck", "Bottleneck", "CheckpointMismatch", "CheckpointReport", "DLA", "PARAM_COUNTS",
@@ -14,5 +15,5 @@ __all__ = [
     "register_model", "UnreadableCheckpoint",
     "bilinear_upsample", "bilinear_weights_", "DLASeg", "DLAUp", "IDAUp",
     "CenterNet", "DLAUpAdd", "IDAConv", "IDAUpAdd", "ModulatedDeformConv3x3",
-    "CenterTrack", "CenterTrackDLA",
+    "CenterTrack", "CenterTrackDLA", "HeadTuple",
 ]

@@ -94,11 +94,7 @@ class CenterTrackDLA(DLA):
             x = x + self.pre_img_layer(pre_img)
         if pre_hm is not None:
             x = x + self.pre_hm_layer(pre_hm)
-        outs = []
-        for i in range(6):
-            x = getattr(self, f"level{i}")(x)
-            outs.append(x)
-        return outs
+        return self.forward_levels_from_stem(x)
 
     def forward(self, x: torch.Tensor, pre_img: Optional[torch.Tensor] = None, pre_hm: Optional[torch.Tensor] = None):
         levels = self.forward_levels(x, pre_img, pre_hm)

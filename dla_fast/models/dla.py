@@ -151,6 +151,8 @@ class DLA(nn.Module):
     Input: (N, in_chans, H, W) with H and W divisible by 32. Bad arguments raise ValueError naming them.
     """
 
+    __constants__ = ["features_only"]  # TorchScript then compiles one of forward's branches
+
     def __init__(self, levels: Sequence[int], channels: Sequence[int], block: Type[nn.Module],
                  num_classes: int = 1000, in_chans: int = 3, cardinality: int = 1, base_width: int = 64,
                  residual_root: bool = False, features_only: bool = False,
@@ -215,13 +217,18 @@ class DLA(nn.Module):
 
     def forward_levels(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Outputs of levels 0..5 (strides 1, 2, 4, 8, 16, 32)."""
-        self.check_input(x)
-        x = self.base_layer(x)
-        outs = []
-        for i in range(6):
-            x = getattr(self, f"level{i}")(x)
-            outs.append(x)
-        return outs
+        if not torch.jit.is_scripting():  # TorchScript compiles the levels, not the Python-typed checks
+            self.check_input(x)
+        return self.forward_levels_from_stem(self.base_layer(x))
+
+    def forward_levels_from_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Outputs of levels 0..5 for the base layer's output x."""
+        level0 = self.level0(x)
+        level1 = self.level1(level0)
+        level2 = self.level2(level1)
+        level3 = self.level3(level2)
+        level4 = self.level4(level3)
+        return [level0, level1, level2, level3, level4, self.level5(level4)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_levels(x)[-1]
@@ -230,7 +237,7 @@ class DLA(nn.Module):
         """Global average pool, then the 1x1-conv classifier (none when num_classes == 0)."""
         return self.flatten(self.fc(self.global_pool(x)))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.features_only:
             levels = self.forward_levels(x)
             return [levels[i] for i in self.out_indices]

@@ -187,7 +187,9 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
     x and residual are cast to the weight's dtype (the autocast dtype the caller folded for). On CUDA with
     ReLU: one cuDNN fused call. If cuDNN rejects a configuration, a warning names it once and that
     configuration runs as conv2d + add + ReLU from then on (same numbers, separate passes). Under
-    torch.compile: the custom op dla_fast::conv_bias_act (the same implementation).
+    torch.compile: the custom op dla_fast::conv_bias_act (the same implementation); under torch.export of CPU
+    tensors its aten ops (conv2d, add, relu) themselves, so that an AOTInductor package compiles them and runs
+    without dla_fast.
     """
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     _check(x, weight, bias, stride, padding, dilation, groups, residual)
@@ -195,7 +197,7 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
         x = x.to(weight.dtype)
     if residual is not None and residual.dtype != weight.dtype:
         residual = residual.to(weight.dtype)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and (x.is_cuda or not torch.compiler.is_exporting()):
         return conv_bias_act_op(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     return _conv_bias_act_impl(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 

@@ -17,7 +17,6 @@ def uses_batch_stats(training: bool, running_mean: Optional[torch.Tensor], runni
     return training or (running_mean is None and running_var is None)
 
 
-@torch.no_grad()
 def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
                          batch_mean: torch.Tensor, batch_var: torch.Tensor, count: int) -> None:
@@ -25,7 +24,9 @@ def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Opti
 
     batch_var is the biased variance the batch was normalized with; the running variance takes the
     unbiased one (times count / (count - 1)). momentum=None is the cumulative average 1 / batches seen.
-    `count` is the number of values per channel (N*H*W).
+    `count` is the number of values per channel (N*H*W). The batch statistics are detached (not a
+    `torch.no_grad()` block: torch.export records one as a grad-mode region that a saved train-mode
+    ExportedProgram could not load back).
     """
     if running_mean is None or running_var is None:
         return
@@ -39,8 +40,8 @@ def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Opti
         factor = 1.0 / num_batches_tracked.item()
     else:
         factor = momentum
-    running_mean.mul_(1.0 - factor).add_(batch_mean.to(running_mean.dtype), alpha=factor)
-    unbiased = batch_var.to(running_var.dtype) * (count / (count - 1))
+    running_mean.mul_(1.0 - factor).add_(batch_mean.detach().to(running_mean.dtype), alpha=factor)
+    unbiased = batch_var.detach().to(running_var.dtype) * (count / (count - 1))
     running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
 
 

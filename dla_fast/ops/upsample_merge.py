@@ -366,6 +366,7 @@ def upsample_merge_fwd(low: torch.Tensor, weight: torch.Tensor, high: torch.Tens
                        impl: str) -> torch.Tensor:
     """Fused forward with kernels `impl` ('triton' | 'cuda'); output channels_last (see module docstring)."""
     _check_impl(impl)
+    backend.require_traced(impl, low.device, "upsample_merge")
     kernel_weight, forward, _ = _IMPLS[impl]
     return forward(channels_last(low), kernel_weight(weight, low.dtype), channels_last(high), factor, concat)
 
@@ -381,6 +382,7 @@ def upsample_merge_bwd(grad_out: torch.Tensor, channel_offset: int, low: torch.T
     """(grad_low channels_last, grad_weight (C, 1, 2f, 2f) in the weight's dtype) from grad_out's channels
     [offset, offset + C)."""
     _check_impl(impl)
+    backend.require_traced(impl, low.device, "upsample_merge")
     kernel_weight, _, backward = _IMPLS[impl]
     return backward(channels_last(grad_out), channel_offset, channels_last(low), kernel_weight(weight, low.dtype),
                     factor, weight.dtype)

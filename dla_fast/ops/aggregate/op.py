@@ -131,6 +131,7 @@ def aggregate_fwd(children: List[torch.Tensor], weight: torch.Tensor, bn_weight:
     batch_stats: normalize with this batch's statistics (returned), else with `mean`/`var`.
     save_preact: also write y when normalizing with given statistics (needed by the backward).
     """
+    backend.require_traced(impl, children[0].device, OP_NAME)
     with device_guard(children[0]):
         return _forward_triton(children, weight, fp32_vector(bn_weight), fp32_vector(bn_bias), fp32_vector(mean),
                                fp32_vector(var), eps, residual, batch_stats, save_preact, impl)
@@ -151,6 +152,7 @@ def aggregate_bwd(grad_out: torch.Tensor, out: torch.Tensor, preact: torch.Tenso
                   residual: bool, batch_stats: bool, impl: str
                   ) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grads of the children, grad of the conv weight, grad of BN weight, grad of BN bias)."""
+    backend.require_traced(impl, children[0].device, OP_NAME)
     return _aggregate_bwd_impl(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual,
                                batch_stats, impl)
 

@@ -214,6 +214,7 @@ def batchnorm_act_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
     and biased variance fp32 [C] (zeros for an empty batch), otherwise the running statistics normalize and
     the two are empty [0] tensors."""
     _check_impl(impl)
+    backend.require_traced(impl, x.device, OP_NAME)
     out, mean, var = _forward(x, weight, bias, running_mean, running_var, residual, use_batch_stats, eps, relu, impl)
     if not use_batch_stats:
         mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
@@ -241,6 +242,7 @@ def batchnorm_act_backward(grad_out: torch.Tensor, out: Optional[torch.Tensor], 
     empty [0] tensor unless its flag (input_grad, residual_grad, param_grad) asks for it.
     """
     _check_impl(impl)
+    backend.require_traced(impl, x.device, OP_NAME)
     if relu and out is None:
         raise ValueError("batchnorm_act_backward: relu=True needs out (the ReLU mask)")
     return _backward(grad_out, out, x, weight, mean, var, use_batch_stats, eps, relu, impl, input_grad,

@@ -197,6 +197,7 @@ def deform_conv2d_fwd(input: torch.Tensor, offset: torch.Tensor, mask: Optional[
                       mask_mode: int, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], relu: bool,
                       stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, var) of the Triton forward; mask_mode 2: `offset` is the offset-mask tensor."""
+    backend.require_traced("triton", input.device, OP_NAME)
     with device_guard(input):
         return forward_triton(input, offset, mask, weight, bias, stride, padding, dilation, mask_mode, scale,
                               shift, relu, stats)
@@ -218,6 +219,7 @@ def deform_conv2d_bwd(grad_out: torch.Tensor, input: torch.Tensor, offset: torch
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad input, grad offset [or offset-mask], grad mask, grad weight, grad bias); an empty tensor of shape
     (0,) where not needed (or no mask)."""
+    backend.require_traced("triton", input.device, OP_NAME)
     with device_guard(input):
         grads = backward_triton(grad_out, input, offset, mask, weight, stride, padding, dilation, mask_mode, needs)
     return tuple(input.new_empty(0) if g is None else g for g in grads)
