@@ -27,6 +27,8 @@ FORCE_CUDA_ENV = "DLA_FAST_FORCE_CUDA"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 GIB_PER_COMPILE_JOB = 4  # nvcc on a .cu file including the ATen headers peaks at a few GiB
+# triton only where PyPI ships it (Linux x86_64 / aarch64)
+TRITON_REQUIREMENT = 'triton; platform_system == "Linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")'
 
 
 def read_version():
@@ -146,9 +148,13 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dla_fast", "dla_fast.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "triton", "numpy", "tqdm"],
+    # triton only where PyPI ships it (Linux x86_64 / aarch64); elsewhere dla_fast runs its eager paths and
+    # `python -m dla_fast info` says what is missing. torchvision (the deformable conv of CenterNet / CenterTrack
+    # with dcn=True) is an extra, so that pip never swaps the installed torch for the one torchvision pins.
+    install_requires=["torch>=2.4", TRITON_REQUIREMENT, "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "timm>=1.0", "torchvision", "onnx", "onnxscript", "onnxruntime"],
+        "dcn": ["torchvision"],
+        "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime"],
         "build": ["ninja", "pybind11"],
         "bench": ["matplotlib"],
     },

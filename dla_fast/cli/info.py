@@ -1,4 +1,5 @@
-"""Show versions, the GPU, which dla_fast backends can run here and which one is in force.
+"""Show versions, the optional packages missing here (and what they would enable), the GPU, which dla_fast
+backends can run here and which one is in force.
 
     python -m dla_fast info
 
@@ -7,6 +8,7 @@ Paste its output into bug reports.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -19,7 +21,16 @@ from dla_fast.backend import ENV_VAR, available_backends, extension_status, get_
 
 from .records import package_version
 
-PACKAGES = ("torch", "triton", "timm", "numpy")
+PACKAGES = ("torch", "numpy")
+# Optional packages: what dla_fast does without each, and how to get it.
+OPTIONAL = {
+    "triton": ("the fused Triton kernels: backend 'auto' runs every op as eager PyTorch, backend 'triton' is "
+               "unavailable; PyPI ships triton for Linux x86_64 and aarch64 only (pip install triton)"),
+    "torchvision": ("CenterNet / CenterTrack with dcn=True (their default: the deformable conv's eager path) and "
+                    "torchvision's DeformConv2d: build them with dcn=False, or pip install 'dla_fast[dcn]'"),
+    "timm": "timm's own DLA models and its data transforms, beside dla_fast's (pip install timm)",
+    "safetensors": "reading .safetensors weight files with load_checkpoint (pip install safetensors)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +46,25 @@ def _versions() -> List[Tuple[str, str]]:
         if name == "torch":
             version += f" (CUDA {torch.version.cuda} build)" if torch.version.cuda else " (CPU-only build)"
         rows.append((name, version or "not installed"))
+    return rows
+
+
+def _import_error(name: str) -> str:
+    """Why `import name` fails here ('' when it imports)."""
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # ImportError, or a broken install raising anything while importing
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return ""
+
+
+def _optional() -> List[Tuple[str, str]]:
+    """One row per optional package: its version, or MISSING with what is lost without it."""
+    rows = []
+    for name, without in OPTIONAL.items():
+        error = _import_error(name)
+        rows.append((name, f"MISSING ({error}); without it: {without}" if error else
+                     package_version(name) or "unknown version"))
     return rows
 
 
@@ -65,7 +95,7 @@ def _backends() -> List[Tuple[str, str]]:
 
 def collect() -> List[Tuple[str, str]]:
     """(name, value) lines: versions, GPUs, backends."""
-    return _versions() + _gpus() + _backends()
+    return _versions() + _optional() + _gpus() + _backends()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ channels[0]; CenterTrack itself ships dla34).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Dict, List, Mapping, Optional, Sequence, Type
 
 import torch
@@ -34,6 +36,7 @@ import torch.nn as nn
 from .arguments import check_bool
 from .centernet import CenterNet
 from .dla import DLA, VARIANTS
+from .pretrained import pretrained_cfg
 from .registry import register_model
 
 PRIOR_BIAS = -4.6  # CenterTrack's --prior_bias: sigmoid(-4.6) ~= 0.01, the heatmap heads' initial score
@@ -83,10 +86,14 @@ class CenterTrackDLA(DLA):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"{name} must have shape {expected} (the image's batch and size, {channels} "
                                  f"channel{'s' if channels > 1 else ''}); got {got}")
+            if value.dtype != x.dtype:
+                raise ValueError(f"{name} must have the image's dtype {x.dtype}; got {value.dtype}")
+            if value.device != x.device:
+                raise ValueError(f"{name} must be on the image's device {x.device}; got {value.device}")
 
     def forward_levels(self, x: torch.Tensor, pre_img: Optional[torch.Tensor] = None,
-                       pre_hm: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """Outputs of levels 0..5 (strides 1, 2, 4, 8, 16, 32)."""
+                       pre_hm: Optional[torch.Tensor] = None, stop: int = 5) -> List[torch.Tensor]:
+        """Outputs of levels 0..stop (strides 1, 2, 4, 8, 16, 32)."""
         self.check_input(x)
         self.check_previous_frame(x, pre_img, pre_hm)
         x = self.base_layer(x)
@@ -94,7 +101,7 @@ class CenterTrackDLA(DLA):
             x = x + self.pre_img_layer(pre_img)
         if pre_hm is not None:
             x = x + self.pre_hm_layer(pre_hm)
-        return self.forward_levels_from_stem(x)
+        return self.forward_levels_from_stem(x, stop)
 
     def forward(self, x: torch.Tensor, pre_img: Optional[torch.Tensor] = None, pre_hm: Optional[torch.Tensor] = None):
         levels = self.forward_levels(x, pre_img, pre_hm)
@@ -130,6 +137,9 @@ class CenterTrack(CenterNet):
                  in_chans: int = 3, prior_bias: float = PRIOR_BIAS):
         # Read by build_backbone, which CenterNet.__init__ calls (plain attributes may precede Module.__init__).
         self.takes_pre_img, self.takes_pre_hm = check_bool("pre_img", pre_img), check_bool("pre_hm", pre_hm)
+        if isinstance(prior_bias, bool) or not isinstance(prior_bias, numbers.Real) or not math.isfinite(prior_bias):
+            raise ValueError(f"prior_bias must be a finite number (CenterTrack's default {PRIOR_BIAS}); "
+                             f"got {prior_bias!r}")
         super().__init__(variant, TRACKING_HEADS if heads is None else heads, head_conv, dcn, down_ratio, in_chans)
         self.variant = f"centertrack_{variant}"
         with torch.no_grad():
@@ -143,6 +153,7 @@ class CenterTrack(CenterNet):
         base = CenterTrackDLA(levels, channels, block, pre_img=self.takes_pre_img, pre_hm=self.takes_pre_hm,
                               in_chans=in_chans, features_only=True, out_indices=tuple(range(6)), **extra)
         base.variant = variant
+        base.pretrained_cfg = base.default_cfg = pretrained_cfg(variant)
         return base
 
     def forward(self, img: torch.Tensor, pre_img: Optional[torch.Tensor] = None,

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -137,6 +138,9 @@ def _read(path: Union[str, os.PathLike], weights_only: bool) -> Mapping:
         if not (weights_only and "weights only load failed" in str(e).lower()):
             raise UnreadableCheckpoint(f"{path} is a torch.save checkpoint that torch.load could not unpickle "
                                        f"({_first_line(e)}); the file may be damaged") from e
+        if _damaged_pickle(path, str(e)):
+            raise UnreadableCheckpoint(f"{path} is a damaged torch.save checkpoint: its pickled data is corrupt (not "
+                                       "a pickle that torch.save writes); copy or download it again") from None
         refused = re.findall(r"Unsupported (?:global: GLOBAL [\w.]+|[^\n.]*)", str(e))
         what = f" ({refused[0]})" if refused else ""
         raise UnreadableCheckpoint(
@@ -151,6 +155,25 @@ def _read(path: Union[str, os.PathLike], weights_only: bool) -> Mapping:
         raise UnreadableCheckpoint(f"{path} looks like a torch.save checkpoint, but torch.load could not read it "
                                    f"({type(e).__name__}: {_first_line(e)}); the file may be damaged or "
                                    "truncated") from e
+
+
+def _damaged_pickle(path: str, weights_only_error: str) -> bool:
+    """Whether a refusal of the weights-only unpickler comes from corrupt bytes rather than from objects the file
+    really holds: an opcode torch.save never writes ('Unsupported operand'), or a data.pkl that is no valid pickle
+    stream (read with pickletools, which parses the opcodes and runs nothing)."""
+    if "unsupported operand" in weights_only_error.lower():
+        return True
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            data = archive.read(name)  # checks the entry's CRC-32
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # a bad CRC (zipfile.BadZipFile), an unknown opcode or truncated argument (ValueError), ...
+        return True
+    return False
 
 
 def _first_line(error: BaseException) -> str:

@@ -5,6 +5,10 @@
   aggregates meet at a Root.
 - `DLA` stacks the stem, two conv levels and four trees (iterative deep aggregation across stages).
 
+The model API is timm's: `pretrained_cfg` (timm's, per variant), `feature_info` (timm's FeatureInfo accessors),
+`forward_features` / `forward_head(pre_logits=)`, `forward_intermediates`, `get_classifier` / `reset_classifier`,
+`set_grad_checkpointing`, `group_matcher`.
+
 Names and layouts equal timm's `timm/models/dla.py` (and the ucbdrive original), so their state dicts
 load with `strict=True`. The fused kernels are swapped in by `dla_fast.accelerate`, never here.
 """
@@ -16,9 +20,12 @@ from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .arguments import check_bool, check_int
 from .blocks import BasicBlock, Bottle2neck, Bottleneck
+from .features import FeatureInfo
+from .pretrained import pretrained_cfg
 from .registry import register_model
 
 STRIDES = (1, 2, 4, 8, 16, 32)
@@ -45,6 +52,30 @@ def check_out_indices(out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]
     if not levels or any(a >= b for a, b in zip(levels, levels[1:])):
         raise ValueError(f"out_indices must be {allowed}; got {out_indices!r} (levels {levels})")
     return tuple(levels)
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) under activation checkpointing (torch.utils.checkpoint, non-reentrant): its activations are not
+    kept but recomputed in the backward. Unlike a plain checkpoint, the recomputation leaves the module's buffers
+    as the first forward left them, so BatchNorm running statistics (and num_batches_tracked) move once per step,
+    as without checkpointing."""
+    calls = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not calls:  # the forward
+            calls.append(True)
+            return module(x)
+        buffers = list(module.buffers())  # the recomputation in the backward
+        with torch.no_grad():
+            saved = [b.clone() for b in buffers]
+        try:
+            return module(x)
+        finally:  # also when the recomputation stops early (the default non-reentrant early stop)
+            with torch.no_grad():
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
+
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
 class Root(nn.Module):
@@ -149,6 +180,9 @@ class DLA(nn.Module):
         features_only: forward returns the outputs of the levels in `out_indices` (strides 1..32).
         out_indices: as timm, an int n (the last n levels) or increasing level indices in -6..5.
     Input: (N, in_chans, H, W) with H and W divisible by 32. Bad arguments raise ValueError naming them.
+
+    `feature_info` describes the six levels (timm's FeatureInfo accessors; channels() etc. cover out_indices);
+    `pretrained_cfg` (set by build_dla) is timm's configuration of the variant.
     """
 
     __constants__ = ["features_only"]  # TorchScript then compiles one of forward's branches
@@ -185,9 +219,10 @@ class DLA(nn.Module):
         self.level3 = Tree(levels[3], block, channels[2], channels[3], 2, level_root=True, **tree_args)
         self.level4 = Tree(levels[4], block, channels[3], channels[4], 2, level_root=True, **tree_args)
         self.level5 = Tree(levels[5], block, channels[4], channels[5], 2, level_root=True, **tree_args)
-        self.feature_info = [dict(num_chs=c, reduction=s, module=f"level{i}")
-                             for i, (c, s) in enumerate(zip(channels, STRIDES))]
-        self.num_features = channels[-1]
+        self.feature_info = FeatureInfo([dict(num_chs=c, reduction=s, module=f"level{i}")
+                                         for i, (c, s) in enumerate(zip(channels, STRIDES))], self.out_indices)
+        self.num_features = self.head_hidden_size = channels[-1]
+        self.grad_checkpointing = False
         if not features_only:
             self.global_pool = nn.AdaptiveAvgPool2d(1)
             self.flatten = nn.Flatten(1)
@@ -215,27 +250,97 @@ class DLA(nn.Module):
             raise ValueError(f"DLA needs image sides divisible by 32 (its stride); got {h}x{w}. "
                              f"Resize or pad to {-(-h // 32) * 32}x{-(-w // 32) * 32}.")
 
-    def forward_levels(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Outputs of levels 0..5 (strides 1, 2, 4, 8, 16, 32)."""
+    def run_level(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Level i on x, checkpointed when set_grad_checkpointing() is on and gradients are recorded."""
+        level = getattr(self, f"level{i}")
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpointed(level, x)
+        return level(x)
+
+    def forward_levels(self, x: torch.Tensor, stop: int = 5) -> List[torch.Tensor]:
+        """Outputs of levels 0..stop (strides 1, 2, 4, 8, 16, 32)."""
         if not torch.jit.is_scripting():  # TorchScript compiles the levels, not the Python-typed checks
             self.check_input(x)
-        return self.forward_levels_from_stem(self.base_layer(x))
+        return self.forward_levels_from_stem(self.base_layer(x), stop)
 
-    def forward_levels_from_stem(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Outputs of levels 0..5 for the base layer's output x."""
-        level0 = self.level0(x)
-        level1 = self.level1(level0)
-        level2 = self.level2(level1)
-        level3 = self.level3(level2)
-        level4 = self.level4(level3)
-        return [level0, level1, level2, level3, level4, self.level5(level4)]
+    def forward_levels_from_stem(self, x: torch.Tensor, stop: int = 5) -> List[torch.Tensor]:
+        """Outputs of levels 0..stop for the base layer's output x."""
+        if torch.jit.is_scripting():  # the six levels by name (TorchScript has no getattr by string)
+            level0 = self.level0(x)
+            level1 = self.level1(level0)
+            level2 = self.level2(level1)
+            level3 = self.level3(level2)
+            level4 = self.level4(level3)
+            return [level0, level1, level2, level3, level4, self.level5(level4)][: stop + 1]
+        outs = []
+        for i in range(stop + 1):
+            x = self.run_level(i, x)
+            outs.append(x)
+        return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) -> the stride-32 features (N, channels[5], H / 32, W / 32)."""
         return self.forward_levels(x)[-1]
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Global average pool, then the 1x1-conv classifier (none when num_classes == 0)."""
-        return self.flatten(self.fc(self.global_pool(x)))
+    def _check_head(self, method: str) -> None:
+        if self.features_only:
+            raise RuntimeError(f"{method}: this model was built with features_only=True and has no classifier head")
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, then the 1x1-conv classifier (none when num_classes == 0): (N, C, h, w) ->
+        (N, num_classes); pre_logits=True stops before the classifier: (N, C)."""
+        self._check_head("forward_head")
+        x = self.global_pool(x)
+        return self.flatten(x) if pre_logits else self.flatten(self.fc(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's forward_intermediates: the outputs of levels `indices` (None: all six; an int n: the last n;
+        a sequence: those levels, negative counting from the last), as a list, finest first; with the final
+        (stride-32) features before it unless intermediates_only. norm is accepted and unused (DLA has no final
+        norm); only output_fmt 'NCHW'. stop_early stops after the last level asked for (then, as in timm, that
+        level's output stands for the final features)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (DLA's only layout); got {output_fmt!r}")
+        take = check_out_indices(6 if indices is None else indices)
+        levels = self.forward_levels(x, stop=take[-1] if stop_early else 5)
+        intermediates = [levels[i] for i in take]
+        return intermediates if intermediates_only else (levels[-1], intermediates)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (the 1x1 conv `fc`, nn.Identity without classes)."""
+        self._check_head("get_classifier")
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for `num_classes` classes (0: none, forward returns the pooled features), on the old
+        one's device and dtype, freshly initialized as nn.Conv2d is; global_pool 'avg' (or None: keep) or ''
+        (no pooling: forward returns the unpooled features, or the fc output per position)."""
+        self._check_head("reset_classifier")
+        num_classes = check_int("num_classes", num_classes, 0)
+        if global_pool not in (None, "avg", ""):
+            raise ValueError(f"global_pool must be 'avg', '' (no pooling) or None (keep); got {global_pool!r}")
+        if global_pool is not None:
+            self.global_pool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
+            self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+        reference = self.base_layer[0].weight
+        factory = dict(device=reference.device, dtype=reference.dtype)
+        self.fc = nn.Conv2d(self.num_features, num_classes, 1, bias=True, **factory) if num_classes else nn.Identity()
+        self.num_classes = num_classes
+        for module in (self.global_pool, self.flatten, self.fc):
+            module.train(self.training)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each level's activations in the backward instead of keeping them (torch.utils.checkpoint):
+        less memory for one more forward per step. Results, gradients and BatchNorm running statistics equal the
+        unchecked run's; works with and without dla_fast.accelerate()."""
+        self.grad_checkpointing = check_bool("enable", enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then the levels."""
+        return dict(stem=r"^base_layer", blocks=r"^level(\d+)" if coarse else [
+            (r"^level(\d+)\.tree(\d+)", None), (r"^level(\d+)\.root", (2,)), (r"^level(\d+)", (1,))])
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.features_only:
@@ -276,6 +381,7 @@ def build_dla(variant: str, **kwargs) -> DLA:
     levels, channels, block, extra = VARIANTS[variant]
     model = DLA(levels, channels, block, **{**extra, **kwargs})
     model.variant = variant
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(variant)
     return model
 
 

@@ -9,8 +9,10 @@ not by the GPU; replaying a captured graph removes that cost for eager, accelera
 
 What a user of CUDA graphs must know (PyTorch's own rules, checked where cheap):
 - inference only: the wrapped model must be in eval mode, called without gradients;
-- one graph per input signature (shape, dtype, device, memory format, autocast dtype), captured at its first
-  call; later calls copy the input into the graph's static buffer and replay;
+- one graph per input signature (shape, dtype, device, memory format, autocast dtype of every input),
+  captured at its first call; later calls copy the inputs into the graph's static buffers and replay;
+- several positional inputs are taken, e.g. CenterTrack's graphed(img, pre_img, pre_hm): CUDA tensors, or None
+  for an input left out (part of the signature: a None input gets its own graph);
 - the graph reads parameters and buffers where they are, but dla_fast's BatchNorm-folded weights are computed
   before the capture and replayed as they were: after changing weights call `reset()` (switching the
   wrapper's mode with `.eval()`/`.train()` or moving it with `.to()` resets too) to capture again. The wrapper
@@ -24,11 +26,35 @@ What a user of CUDA graphs must know (PyTorch's own rules, checked where cheap):
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
+
+
+def check_model(wrapper: str, model) -> None:
+    """TypeError naming the argument unless `model` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{wrapper}: model must be an nn.Module; got {model!r} ({type(model).__name__})")
+
+
+def check_cuda_inputs(wrapper: str, inputs: Sequence, allow_none: bool) -> None:
+    """ValueError naming the input (by position) unless every input is a CUDA tensor (or None, where allowed)
+    and all are on one device; at least one input, the first a tensor."""
+    if not inputs:
+        raise ValueError(f"{wrapper} needs at least one input tensor")
+    kinds = "a CUDA tensor or None" if allow_none else "a CUDA tensor"
+    for i, x in enumerate(inputs):
+        if x is None and allow_none and i > 0:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_cuda:
+            got = x.device if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{wrapper} needs a CUDA tensor input; got {got} as input {i} (each input must be "
+                             f"{kinds})")
+        if x.device != inputs[0].device:
+            raise ValueError(f"{wrapper}: input {i} is on {x.device}, input 0 on {inputs[0].device}; "
+                             "give every input on one device")
 
 
 class CUDAGraphInference(nn.Module):
@@ -37,10 +63,12 @@ class CUDAGraphInference(nn.Module):
 
     def __init__(self, model: nn.Module, warmup: int = 3, clone_outputs: bool = True):
         super().__init__()
+        check_model("CUDAGraphInference", model)
         self.model = model
         self.warmup = warmup
         self.clone_outputs = clone_outputs
-        self._graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, object, List[torch.Tensor]]] = {}
+        self._graphs: Dict[tuple, Tuple[torch.cuda.CUDAGraph, List[Optional[torch.Tensor]], object,
+                                        List[torch.Tensor]]] = {}
 
     def reset(self) -> None:
         """Drop every captured graph (they are captured again at their next call)."""
@@ -60,15 +88,13 @@ class CUDAGraphInference(nn.Module):
                 for pair in m.fold_pairs() for t in pair.cached()]
 
     @staticmethod
-    def _signature(x: torch.Tensor) -> tuple:
-        fmt = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "contiguous"
+    def _signature(inputs: Sequence[Optional[torch.Tensor]]) -> tuple:
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        return tuple(x.shape), x.dtype, x.device, fmt, autocast
+        return tuple(None if x is None else (tuple(x.shape), x.dtype, x.device, _memory_format(x))
+                     for x in inputs) + (autocast,)
 
-    def _check(self, x: torch.Tensor, capturing: bool) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_cuda:
-            raise ValueError("CUDAGraphInference needs a CUDA tensor input; got "
-                             f"{x.device if isinstance(x, torch.Tensor) else type(x).__name__}")
+    def _check(self, inputs: Sequence[Optional[torch.Tensor]], capturing: bool) -> None:
+        check_cuda_inputs("CUDAGraphInference", inputs, allow_none=True)
         modules = self.model.named_modules() if capturing else [("", self.model)]
         training = [name or type(self.model).__name__ for name, m in modules if m.training]
         if training:
@@ -78,52 +104,63 @@ class CUDAGraphInference(nn.Module):
             raise RuntimeError("CUDAGraphInference is for inference: call it under torch.inference_mode() or "
                                "torch.no_grad()")
 
-    def _capture(self, x: torch.Tensor):
-        static_input = x.clone()
+    def _capture(self, inputs: Sequence[Optional[torch.Tensor]]):
+        static_inputs = [None if x is None else x.clone() for x in inputs]
+        device = inputs[0].device
         autocast = contextlib.nullcontext()
         if torch.is_autocast_enabled("cuda"):
             autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-        with torch.cuda.device(x.device), autocast:
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.device(device), autocast:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):  # Triton/cuDNN set-up, folded weights cached, outside the capture
-                    self.model(static_input)
-            torch.cuda.current_stream(x.device).wait_stream(side)
+                    self.model(*static_inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_output = self.model(static_input)
-        return graph, static_input, static_output, self._folded_tensors()
+                static_output = self.model(*static_inputs)
+        return graph, static_inputs, static_output, self._folded_tensors()
 
-    def forward(self, x: torch.Tensor):
-        key = self._signature(x) if isinstance(x, torch.Tensor) else None
+    def forward(self, *inputs: Optional[torch.Tensor]):
+        """model(*inputs) replayed from the graph of their signature (captured at its first call)."""
+        valid = inputs and all(x is None or isinstance(x, torch.Tensor) for x in inputs)
+        key = self._signature(inputs) if valid else None
         entry = self._graphs.get(key)
-        self._check(x, capturing=entry is None)
+        self._check(inputs, capturing=entry is None)
         if entry is None:
-            entry = self._graphs[key] = self._capture(x)
-        graph, static_input, static_output, _ = entry
-        static_input.copy_(x)
+            entry = self._graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_output, _ = entry
+        for static, x in zip(static_inputs, inputs):
+            if static is not None:
+                static.copy_(x)
         graph.replay()
         if not self.clone_outputs:
             return static_output
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_output)
 
 
-def _tensor_signature(x: torch.Tensor) -> tuple:
-    fmt = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "contiguous"
+def _memory_format(x: torch.Tensor) -> str:
+    return "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "contiguous"
+
+
+def _tensor_signature(inputs: Sequence[torch.Tensor]) -> tuple:
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    return tuple(x.shape), x.dtype, x.device, fmt, x.requires_grad, autocast
+    return tuple((tuple(x.shape), x.dtype, x.device, _memory_format(x), x.requires_grad) for x in inputs) + (autocast,)
 
 
 def _describe_signature(signature: tuple) -> str:
-    shape, dtype, device, fmt, requires_grad, autocast = signature
-    return (f"shape {shape}, {dtype}, {device}, {fmt}, requires_grad={requires_grad}, "
-            f"autocast {autocast if autocast is not None else 'off'}")
+    *inputs, autocast = signature
+    described = [f"shape {shape}, {dtype}, {device}, {fmt}, requires_grad={requires_grad}"
+                 for shape, dtype, device, fmt, requires_grad in inputs]
+    inputs = described[0] if len(described) == 1 else "; ".join(f"{i}: {d}" for i, d in enumerate(described))
+    return f"{inputs}, autocast {autocast if autocast is not None else 'off'}"
 
 
 class CUDAGraphTraining(nn.Module):
     """The forward and backward of a training step replayed from two captured CUDA graphs, for one fixed input
-    signature (torch.cuda.make_graphed_callables on the wrapped model).
+    signature (torch.cuda.make_graphed_callables on the wrapped model). The model may take several positional
+    tensor inputs (CenterTrack: graphed(img, pre_img, pre_hm)); every one must be given, as a CUDA tensor.
 
         model = dla_fast.accelerate(create_model("centernet_dla34")).cuda().train()
         graphed = dla_fast.CUDAGraphTraining(model)
@@ -155,6 +192,7 @@ class CUDAGraphTraining(nn.Module):
 
     def __init__(self, model: nn.Module, warmup: int = 3):
         super().__init__()
+        check_model("CUDAGraphTraining", model)
         self.model = model
         self.warmup = warmup
         self._signature = None
@@ -173,16 +211,14 @@ class CUDAGraphTraining(nn.Module):
         self.reset()
         return super()._apply(fn, *args, **kwargs)
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check(self, inputs: Sequence[torch.Tensor]) -> None:
         if not self.model.training:
             raise RuntimeError("CUDAGraphTraining captures training steps: call model.train() first (use "
                                "dla_fast.CUDAGraphInference for eval-mode inference)")
         if not torch.is_grad_enabled():
             raise RuntimeError("CUDAGraphTraining captures forward and backward: call it with gradients enabled "
                                "(not under torch.no_grad() or torch.inference_mode())")
-        if not isinstance(x, torch.Tensor) or not x.is_cuda:
-            raise ValueError("CUDAGraphTraining needs a CUDA tensor input; got "
-                             f"{x.device if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_cuda_inputs("CUDAGraphTraining", inputs, allow_none=False)
 
     def _check_capturable(self, x: torch.Tensor) -> None:
         model = self.model
@@ -200,7 +236,8 @@ class CUDAGraphTraining(nn.Module):
                                  "(cumulative average), whose factor is read on the host each step and cannot be "
                                  "captured; give it a momentum")
 
-    def _capture(self, x: torch.Tensor):
+    def _capture(self, inputs: Sequence[torch.Tensor]):
+        x = inputs[0]
         self._check_capturable(x)
         buffers = list(self.model.buffers())
         with torch.no_grad():
@@ -210,21 +247,22 @@ class CUDAGraphTraining(nn.Module):
             autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
         model = self.model
         with torch.cuda.device(x.device), autocast:
-            torch.cuda.make_graphed_callables(model, (x.detach().clone().requires_grad_(x.requires_grad),),
-                                              num_warmup_iters=self.warmup, allow_unused_input=True)
+            samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+            torch.cuda.make_graphed_callables(model, samples, num_warmup_iters=self.warmup, allow_unused_input=True)
         graphed = model.__dict__.pop("forward")  # the graphed forward; the model keeps its own forward
         with torch.no_grad():
             for b, saved in zip(buffers, before):  # undo the warm-up steps' running-statistics updates
                 b.copy_(saved)
         return graphed
 
-    def forward(self, x: torch.Tensor):
-        self._check(x)
-        signature = _tensor_signature(x)
+    def forward(self, *inputs: torch.Tensor):
+        """model(*inputs) (positional CUDA tensors), forward and backward replayed from the captured graphs."""
+        self._check(inputs)
+        signature = _tensor_signature(inputs)
         if self._graphed is None:
-            self._graphed = self._capture(x)
+            self._graphed = self._capture(inputs)
             self._signature = signature
         elif signature != self._signature:
             raise ValueError(f"CUDAGraphTraining captured its graphs for input {_describe_signature(self._signature)}; "
                              f"got {_describe_signature(signature)}. Call reset() to capture for the new one")
-        return self._graphed(x)
+        return self._graphed(*inputs)

@@ -32,6 +32,7 @@ from ..ops import deform_conv
 from ..ops.deform_conv.block import OP_NAME, dcn_block, dcn_block_inference
 from .batchnorm import batchnorm_unsupported, sync_args
 from .folded import FoldedConvBN, fold_applies
+from .op_kinds import ALL_OP_KINDS
 
 _PADDING = (1, 1)  # ModulatedDeformConv3x3: 3x3 taps, stride 1, padding 1, dilation 1
 
@@ -100,10 +101,11 @@ class FusedDCNBlock(nn.Module):
     """CenterNet's IDAConv(deformable=True) fused: same children `conv` and `actf`, `original` gives it back.
 
     forward(x): x (N, Cin, H, W) -> (N, Cout, H, W), channels_last; equal to the replaced module (running
-    statistics included).
+    statistics included). Without the op kind "fold_bn" in `ops` the eval-mode call runs unfolded (the deformable
+    conv with the statistics epilogue, then BN + ReLU).
     """
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, ops=ALL_OP_KINDS):
         super().__init__()
         reason = self.unsupported(original)
         if reason:
@@ -113,6 +115,7 @@ class FusedDCNBlock(nn.Module):
         self.training = original.training
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
         self.__dict__["_fold"] = FoldedDCN(self.conv, self.actf[0])
+        self.__dict__["_ops"] = frozenset(ops)
 
     def _pair(self):
         """The FoldedDCN of the children as they are now (rebuilt when one was replaced, e.g. by
@@ -159,7 +162,7 @@ class FusedDCNBlock(nn.Module):
         fold = self._pair()
         if fold is None:  # a child replaced after accelerate() by one it cannot fuse (a frozen BatchNorm, ...):
             return self.actf(self.conv(x))  # IDAConv's own forward on the children as they are now
-        if fold_applies(self, [fold], x):
+        if "fold_bn" in self.__dict__["_ops"] and fold_applies(self, [fold], x):
             return fold(x)
         return deform_conv_bn_relu(self.conv, bn, x)
 

@@ -36,6 +36,7 @@ from .. import backend
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
 from .batchnorm import BATCHNORM_TYPES, batchnorm_unsupported, sync_args
+from .op_kinds import ALL_OP_KINDS
 
 # The backend op name of the unfolded path (training, or gradients wanted): conv + fused BatchNorm-act.
 TRAINING_OP_NAME = "batchnorm_act_training"
@@ -155,9 +156,10 @@ def fused_training_applies(pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
 
 class _Folded(nn.Module):
     """Shares the replaced module's children (same parameters and state_dict keys); `original` gives it back.
-    Subclasses name their (conv, bn) pairs in `pair_names`."""
+    Subclasses name their (conv, bn) pairs in `pair_names`. `ops`: the op kinds it may run fused ("fold_bn" in
+    eval, "batchnorm_act" in training; dla_fast.nn.op_kinds), the others run eagerly."""
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, ops=ALL_OP_KINDS):
         super().__init__()
         reason = self.unsupported(original)
         if reason:
@@ -166,6 +168,7 @@ class _Folded(nn.Module):
             self.add_module(name, child)
         self.training = original.training
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+        self.__dict__["_ops"] = frozenset(ops)
         self.__dict__["_pair_names"] = self.pair_names(original)
         self.__dict__["_pairs"] = [FoldedConvBN(getattr(self, c), getattr(self, b))
                                    for c, b in self.__dict__["_pair_names"]]
@@ -208,10 +211,13 @@ class _Folded(nn.Module):
         return self.pairs
 
     def folds(self, x: torch.Tensor, *inputs) -> bool:
-        return fold_applies(self, self.pairs, x, *inputs)
+        return "fold_bn" in self.__dict__["_ops"] and fold_applies(self, self.pairs, x, *inputs)
 
-    def fuses_training(self, x: torch.Tensor) -> bool:
-        return fused_training_applies(self.pairs, x)
+    def runs_unfolded(self, x: torch.Tensor) -> bool:
+        """Whether a call that is not folded runs conv + fused BatchNorm-act (a SyncBatchNorm in training, or
+        fused_training_applies), when the op kind "batchnorm_act" is enabled."""
+        return "batchnorm_act" in self.__dict__["_ops"] and (
+            synchronized(self.pairs) or fused_training_applies(self.pairs, x))
 
     def train(self, mode: bool = True):
         for pair in self.pairs:
@@ -243,7 +249,7 @@ class _FoldedBlock(_Folded):
         residual = shortcut if residual is None else residual  # timm names it `shortcut`
         if self.folds(x, residual):
             run = [pair.__call__ for pair in self.pairs]
-        elif synchronized(self.pairs) or self.fuses_training(x):
+        elif self.runs_unfolded(x):
             run = [pair.unfolded for pair in self.pairs]
         else:
             return self.original(x, residual)
@@ -296,8 +302,8 @@ class FoldedConvBNStack(_Folded):
     def pair_names(module: nn.Module) -> List[Tuple[str, str]]:
         return [(c, b) for c, b, _ in _stack_layout(module) or ()]
 
-    def __init__(self, original: nn.Module):
-        super().__init__(original)
+    def __init__(self, original: nn.Module, ops=ALL_OP_KINDS):
+        super().__init__(original, ops)
         self.relus = [relu for _, _, relu in _stack_layout(original)]
 
     def __getitem__(self, index):
@@ -309,7 +315,7 @@ class FoldedConvBNStack(_Folded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folds(x):
             run = [pair.__call__ for pair in self.pairs]
-        elif synchronized(self.pairs) or self.fuses_training(x):
+        elif self.runs_unfolded(x):
             run = [pair.unfolded for pair in self.pairs]
         else:
             return self.original(x)

@@ -28,6 +28,7 @@ from ..ops.upsample_merge import upsample_merge
 from .batchnorm import batchnorm_unsupported, sync_args
 from .dcn import FoldedDCN, dcn_unsupported, deform_conv_bn_relu
 from .folded import FoldedConvBN, fold_applies, unsupported
+from .op_kinds import ALL_OP_KINDS
 
 
 def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +44,10 @@ def conv1x1_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> tor
 
 
 class _FusedIDA(nn.Module):
-    """Shares the original IDA module's submodules; `original` gives the module back (for restore)."""
+    """Shares the original IDA module's submodules; `original` gives the module back (for restore). `ops`: the op
+    kinds it runs fused (dla_fast.nn.op_kinds); each step of a kind not in it runs as the replaced module runs it."""
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, ops=ALL_OP_KINDS):
         super().__init__()
         for name, child in original.named_children():
             self.add_module(name, child)
@@ -54,6 +56,7 @@ class _FusedIDA(nn.Module):
         self.out_channels = original.out_channels
         self.up_factors = original.up_factors
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
+        self.__dict__["_ops"] = frozenset(ops)
         self.__dict__["_folded"] = {}  # "proj_i" / "node_i" -> FoldedConvBN (plain convs) or FoldedDCN
         self.__dict__["_fold_sources"] = {}  # "proj_i" / "node_i" -> submodule paths of its (conv, bn)
 
@@ -71,7 +74,7 @@ class _FusedIDA(nn.Module):
         folded.pop(name, None)
         if not unsupported(conv, bn):
             folded[name] = FoldedConvBN(conv, bn)
-        elif not dcn_unsupported(conv, bn):
+        elif not dcn_unsupported(conv, bn) and "deform_conv" in self.__dict__["_ops"]:
             folded[name] = FoldedDCN(conv, bn)
 
     @property
@@ -83,10 +86,13 @@ class _FusedIDA(nn.Module):
             self._refresh_fold(name)
         return list(self.__dict__["_folded"].values())
 
+    def _fuses(self, op_kind: str) -> bool:
+        return op_kind in self.__dict__["_ops"]
+
     def _folds(self, layers: Sequence[torch.Tensor]) -> bool:
         """Whether this call runs the plain conv + BN + ReLU steps folded (eval, no gradients)."""
         pairs = self.fold_pairs()
-        return len(pairs) > 0 and fold_applies(self, pairs, *layers)  # not bool(list): dynamo 2.11 cannot trace it
+        return self._fuses("fold_bn") and len(pairs) > 0 and fold_applies(self, pairs, *layers)  # not bool(list): dynamo 2.11 cannot trace it
 
     def _conv_bn_relu(self, name: str, conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
                       fold: bool) -> torch.Tensor:
@@ -97,7 +103,17 @@ class _FusedIDA(nn.Module):
             return torch.relu(bn(conv(x)))
         if isinstance(pair, FoldedDCN):
             return deform_conv_bn_relu(conv, bn, x)
+        if not self._fuses("batchnorm_act") or (pair is None and not dcn_unsupported(conv, bn)):
+            return torch.relu(bn(conv(x)))  # BN + ReLU kept eager, or a deformable conv kept eager (deform_conv)
         return bn_relu(bn, conv(x))
+
+    def _upsample_merge(self, i: int, projected: torch.Tensor, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """up_i(projected) merged with x: added, or concatenated after x."""
+        up = getattr(self, f"up_{i}")
+        if self._fuses("upsample_merge"):
+            return upsample_merge(projected, up.weight, x, self.up_factors[i], mode)
+        upsampled = up(projected)
+        return upsampled + x if mode == "add" else torch.cat([x, upsampled], 1)
 
     def train(self, mode: bool = True):
         for pair in self.__dict__["_folded"].values():
@@ -113,14 +129,16 @@ class _FusedIDA(nn.Module):
 class FusedIDAUp(_FusedIDA):
     """DLA-Up's IDAUp (dla_fast.models.dla_up.IDAUp), fused: x_i = node_i(cat([x_{i-1}, up_i(proj_i(l_i))]))."""
 
-    def __init__(self, original: nn.Module):
-        super().__init__(original)
+    def __init__(self, original: nn.Module, ops=ALL_OP_KINDS):
+        super().__init__(original, ops)
         for i in range(1, len(self.in_channels)):
             self._add_fold(f"node_{i}", f"node_{i}.0", f"node_{i}.1")
 
     def _project(self, i: int, x: torch.Tensor) -> torch.Tensor:
         proj = getattr(self, f"proj_{i}")
-        return x if isinstance(proj, nn.Identity) else conv1x1_bn_relu(proj[0], proj[1], x)
+        if isinstance(proj, nn.Identity) or not self._fuses("aggregate"):
+            return proj(x)
+        return conv1x1_bn_relu(proj[0], proj[1], x)
 
     def forward(self, layers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._check(layers)
@@ -129,8 +147,7 @@ class FusedIDAUp(_FusedIDA):
         nodes = []
         for i in range(1, len(layers)):
             projected = self._project(i, layers[i])
-            merged = upsample_merge(projected, getattr(self, f"up_{i}").weight, x,
-                                    self.up_factors[i], "concat")
+            merged = self._upsample_merge(i, projected, x, "concat")
             node = getattr(self, f"node_{i}")
             x = self._conv_bn_relu(f"node_{i}", node[0], node[1], merged, fold)
             nodes.append(x)
@@ -141,8 +158,8 @@ class FusedIDAUpAdd(_FusedIDA):
     """CenterNet's IDAUpAdd (dla_fast.models.centernet.IDAUpAdd), fused:
     x_i = node_i(up_i(proj_i(l_i)) + x_{i-1}) with proj/node = conv (deformable or plain) + BN + ReLU."""
 
-    def __init__(self, original: nn.Module):
-        super().__init__(original)
+    def __init__(self, original: nn.Module, ops=ALL_OP_KINDS):
+        super().__init__(original, ops)
         for i in range(1, len(self.in_channels)):
             for name in (f"proj_{i}", f"node_{i}"):
                 self._add_fold(name, f"{name}.conv", f"{name}.actf.0")
@@ -154,7 +171,6 @@ class FusedIDAUpAdd(_FusedIDA):
         for i in range(1, len(layers)):
             proj, node = getattr(self, f"proj_{i}"), getattr(self, f"node_{i}")
             projected = self._conv_bn_relu(f"proj_{i}", proj.conv, proj.actf[0], layers[i], fold)
-            merged = upsample_merge(projected, getattr(self, f"up_{i}").weight, outputs[-1],
-                                    self.up_factors[i], "add")
+            merged = self._upsample_merge(i, projected, outputs[-1], "add")
             outputs.append(self._conv_bn_relu(f"node_{i}", node.conv, node.actf[0], merged, fold))
         return outputs
