@@ -278,12 +278,13 @@ def test_compile_providers_compile_the_right_model_with_their_mode(monkeypatch):
 
 
 def test_allocation_failure_is_one_line_naming_the_memory_needed():
-    """The CPU allocator's failure is a plain RuntimeError with a C++ trace: one error line naming the size."""
-    done = run_module("bench", "--model", "dla46_c", "--device", "cpu", "--batch", "100000000", "--no-progress")
+    """The CPU allocator's failure is a plain RuntimeError with a C++ trace: one error line naming the size (more
+    than a 47-bit address space, so that no overcommit setting lets the allocation through)."""
+    done = run_module("bench", "--model", "dla46_c", "--device", "cpu", "--batch", "1000000000", "--no-progress")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines() == [
-        "python -m dla_fast bench: error: out of memory at --batch 100000000 --size 224: an allocation of 54.8 TiB "
-        "failed (the fp32 input batch alone is 54.8 TiB); try a smaller --batch or --size"]
+        "python -m dla_fast bench: error: out of memory at --batch 1000000000 --size 224: an allocation of 547.6 TiB "
+        "failed (the fp32 input batch alone is 547.6 TiB); try a smaller --batch or --size"]
 
 
 @pytest.mark.parametrize("environment, message", [
