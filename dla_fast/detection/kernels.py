@@ -95,18 +95,19 @@ def letterbox_area_normalize_kernel(src_ptr, image_ptr, xtab_idx_ptr, xtab_w_ptr
                                     lut_ptr, out_ptr, out_h, out_w, pad_value,
                                     TAPS_X: tl.constexpr, TAPS_Y: tl.constexpr, SWAP_RB: tl.constexpr,
                                     BLOCK: tl.constexpr):
-    """src: uint8 HWC pixels, flat; image (B, 7) int64: offset, height, width, resized height, resized width,
-    top, left; x tables (B, out_w, TAPS_X) int32 source column / float32 weight per resized column (rows past
+    """src: uint8 HWC pixels, flat; image (B, 8) int64: offset, height, width, resized height, resized width,
+    top, left, round half up (OpenCV's 2x2 fast area path; else half to even); x tables (B, out_w, TAPS_X) int32 source column / float32 weight per resized column (rows past
     the resized width unused), y tables (B, out_h, TAPS_Y) likewise; lut (3, 256) float32; out (B, 3, out_h,
     out_w) float32. Pixels outside the resized image get lut[pad_value]."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    base = tl.load(image_ptr + b * 7)
-    width = tl.load(image_ptr + b * 7 + 2).to(tl.int32)
-    new_h = tl.load(image_ptr + b * 7 + 3).to(tl.int32)
-    new_w = tl.load(image_ptr + b * 7 + 4).to(tl.int32)
-    top = tl.load(image_ptr + b * 7 + 5).to(tl.int32)
-    left = tl.load(image_ptr + b * 7 + 6).to(tl.int32)
+    base = tl.load(image_ptr + b * 8)
+    width = tl.load(image_ptr + b * 8 + 2).to(tl.int32)
+    new_h = tl.load(image_ptr + b * 8 + 3).to(tl.int32)
+    new_w = tl.load(image_ptr + b * 8 + 4).to(tl.int32)
+    top = tl.load(image_ptr + b * 8 + 5).to(tl.int32)
+    left = tl.load(image_ptr + b * 8 + 6).to(tl.int32)
+    half_up = tl.load(image_ptr + b * 8 + 7) != 0
     plane = out_h * out_w
     p = pid * BLOCK + tl.arange(0, BLOCK)
     mask = p < plane
@@ -132,6 +133,7 @@ def letterbox_area_normalize_kernel(src_ptr, image_ptr, xtab_idx_ptr, xtab_w_ptr
                 pixel = tl.load(src_ptr + offset, mask=inside, other=0).to(tl.float32)
                 row += wx * pixel
             acc += wy * row
+        acc = tl.where(half_up, tl.floor(acc + 0.5), acc)
         value = tl.where(inside, acc, pad_value)
         _lut_store(out_ptr, lut_ptr, value, channel, out_offset, plane, mask)
 
