@@ -16,13 +16,14 @@ Modes (`MODES`):
 
 Exactness (the stated bound, tested in tests/test_detection_preprocess.py against OpenCV 5): each output value
 comes from a uint8 level through a lookup table computed on the host exactly as the peers' numpy code, so it
-is exact whenever the interpolated uint8 level is. The levels follow OpenCV's arithmetic (warpAffine's fp32
-source coordinates and fp32 lerps, resize's area weights computed in double and stored as float) and equal
-OpenCV's for more than 99% of values (all, in the tests' area resizes); the rest differ by one level (a
-rounding of an fp32 interpolation that lands on the other side of .5; on the GPU the compiler may also fuse
-multiply-adds), so |out - opencv| <= 1 / (255 * std_c) per channel ("centernet") and
-<= 1 / 255 ("fairmot"). Older OpenCV (<= 4.10, fixed-point warpAffine with 1/32-pixel coordinates) can differ
-by more where neighbouring pixels differ a lot.
+is exact whenever the interpolated uint8 level is. The levels follow OpenCV's arithmetic as far as it could be
+reproduced: resize's area weights (computed in double, stored as float, the 2x2 fast path's rounding) give
+OpenCV's levels exactly in the tests; warpAffine's fp32 source coordinates and fp32 lerps give its level for
+96-100% of values (the tests' half-noise half-ramp images; >99.9% on noise), the rest one level off (OpenCV's
+vector code rounds some coordinates differently by an ulp, which moves a value near .5 across). The bound:
+|out - opencv| <= 1 / (255 * std_c) per channel ("centernet"), <= 1 / 255 ("fairmot"). On the GPU the compiler
+may also fuse multiply-adds (same bound). Older OpenCV (<= 4.10: fixed-point warpAffine with 1/32-pixel
+coordinates) can differ by more where neighbouring pixels differ a lot.
 
 Implementations (`dla_fast.backend.resolve(device, "detection_preprocess")`): 'triton' (kernels in
 dla_fast.detection.kernels; CUDA, or the interpreter) and 'torch' (the same arithmetic as tensor ops).
