@@ -10,7 +10,7 @@ import dla_fast
 from dla_fast import detection
 from dla_fast.detection.transforms import centernet_geometry, letterbox_geometry
 
-import detection_reference as ref
+from dla_fast.detection import reference as ref
 from helpers import poisoned_allocations
 
 pytestmark = pytest.mark.interpreter

@@ -9,7 +9,7 @@ import torch
 import dla_fast
 from dla_fast.detection.preprocess import COCO_MEAN, COCO_STD, preprocess
 
-import detection_reference as ref
+from dla_fast.detection import reference as ref
 from helpers import poisoned_allocations
 
 cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the peers' pre-processing) is not installed")

@@ -12,7 +12,9 @@ kernels (the Triton kernels).
 """
 from .decode import (Decoded, centertrack_decode, ctdet_decode, decode, gather_embeddings, heat_peaks,
                      mot_decode)
+from .detector import Detector, detect
+from .preprocess import preprocess
 from .transforms import ImageGeometry, affine_transform_matrix, centernet_geometry, letterbox_geometry
 
-__all__ = ["Decoded", "ImageGeometry", "affine_transform_matrix", "centernet_geometry", "centertrack_decode",
+__all__ = ["Decoded", "Detector", "ImageGeometry", "detect", "preprocess", "affine_transform_matrix", "centernet_geometry", "centertrack_decode",
            "ctdet_decode", "decode", "gather_embeddings", "heat_peaks", "letterbox_geometry", "mot_decode"]

@@ -1,4 +1,6 @@
-"""Faithful re-implementations of the peers' inference code, the references of tests/test_detection*.py.
+"""The peers' inference code, re-implemented faithfully in eager PyTorch / numpy / OpenCV: the reference of
+tests/test_detection_*.py and the baseline pipeline of `python -m dla_fast bench --end-to-end`. Not used by
+the fused path. Needs opencv-python-headless (the `test` extra) for the geometry and the pre-processing.
 
 Written from reading (not copied): CenterNet src/lib/models/decode.py (_nms, _topk, ctdet_decode),
 src/lib/models/utils.py (_gather_feat, _transpose_and_gather_feat), src/lib/utils/image.py
@@ -12,14 +14,22 @@ the torch versions where `/` became true division).
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CENTERNET_MEAN = np.array([0.408, 0.447, 0.470], dtype=np.float32).reshape(1, 1, 3)
-CENTERNET_STD = np.array([0.289, 0.274, 0.278], dtype=np.float32).reshape(1, 1, 3)
+# CenterNet's / CenterTrack's COCO statistics (datasets/dataset/coco.py)
+CENTERNET_MEAN = np.array([0.40789654, 0.44719302, 0.47026115], dtype=np.float32).reshape(1, 1, 3)
+CENTERNET_STD = np.array([0.28863828, 0.27408164, 0.27809835], dtype=np.float32).reshape(1, 1, 3)
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError(f"the peers' pre-processing needs OpenCV: pip install opencv-python-headless ({e})") from None
+    return cv2
 
 
 def _nms(heat, kernel=3):
@@ -158,6 +168,7 @@ def get_affine_transform(center, scale, rot, output_size, shift=np.array([0, 0],
     dst[1, :] = np.array([dst_w * 0.5, dst_h * 0.5], np.float32) + dst_dir
     src[2:, :] = get_3rd_point(src[0, :], src[1, :])
     dst[2:, :] = get_3rd_point(dst[0, :], dst[1, :])
+    cv2 = _cv2()
     if inv:
         return cv2.getAffineTransform(np.float32(dst), np.float32(src))
     return cv2.getAffineTransform(np.float32(src), np.float32(dst))
@@ -174,6 +185,58 @@ def transform_preds(coords, center, scale, output_size):
     for p in range(coords.shape[0]):
         target_coords[p, 0:2] = affine_transform(coords[p, 0:2], trans)
     return target_coords
+
+
+def ctdet_post_process(dets, c, s, h, w, num_classes):
+    """CenterNet's ctdet_post_process: per image a dict class (1-based) -> list of [x1, y1, x2, y2, score]."""
+    ret = []
+    for i in range(dets.shape[0]):
+        top_preds = {}
+        dets[i, :, :2] = transform_preds(dets[i, :, 0:2], c[i], s[i], (w, h))
+        dets[i, :, 2:4] = transform_preds(dets[i, :, 2:4], c[i], s[i], (w, h))
+        classes = dets[i, :, -1]
+        for j in range(num_classes):
+            inds = (classes == j)
+            top_preds[j + 1] = np.concatenate([dets[i, inds, :4].astype(np.float32),
+                                               dets[i, inds, 4:5].astype(np.float32)], axis=1).tolist()
+        ret.append(top_preds)
+    return ret
+
+
+def merge_outputs(detections, num_classes, max_per_image=100):
+    """CtdetDetector.merge_outputs for one scale: per class (N, 5) float32, the max_per_image best kept."""
+    results = {j: np.concatenate([d[j] for d in detections], axis=0).astype(np.float32)
+               for j in range(1, num_classes + 1)}
+    scores = np.hstack([results[j][:, 4] for j in range(1, num_classes + 1)])
+    if len(scores) > max_per_image:
+        kth = len(scores) - max_per_image
+        thresh = np.partition(scores, kth)[kth]
+        for j in range(1, num_classes + 1):
+            results[j] = results[j][results[j][:, 4] >= thresh]
+    return results
+
+
+def generic_post_process(dets, c, s, h, w, out_thresh):
+    """CenterTrack's generic_post_process for scores / clses / cts / tracking / bboxes: per image a list of
+    {'score', 'class', 'ct', 'tracking', 'bbox'} items, stopping at the first score below out_thresh."""
+    ret = []
+    for i in range(len(dets["scores"])):
+        preds = []
+        trans = get_affine_transform(c[i], s[i], 0, (w, h), inv=1).astype(np.float32)
+        for j in range(len(dets["scores"][i])):
+            if dets["scores"][i][j] < out_thresh:
+                break
+            item = {"score": dets["scores"][i][j], "class": int(dets["clses"][i][j]) + 1,
+                    "ct": transform_preds_with_trans(dets["cts"][i][j].reshape(1, 2), trans).reshape(2)}
+            if "tracking" in dets:
+                tracking = transform_preds_with_trans((dets["tracking"][i][j] + dets["cts"][i][j]).reshape(1, 2),
+                                                      trans).reshape(2)
+                item["tracking"] = tracking - item["ct"]
+            if "bboxes" in dets:
+                item["bbox"] = transform_preds_with_trans(dets["bboxes"][i][j].reshape(2, 2), trans).reshape(4)
+            preds.append(item)
+        ret.append(preds)
+    return ret
 
 
 def ctdet_post_process_boxes(dets, c, s, h, w):
@@ -193,6 +256,7 @@ def transform_preds_with_trans(coords, trans):
 
 def centernet_pre_process(image, input_h, input_w, down_ratio=4, mean=CENTERNET_MEAN, std=CENTERNET_STD):
     """base_detector.pre_process at scale 1 with fix_res: (1, 3, H, W) float32 numpy and meta."""
+    cv2 = _cv2()
     height, width = image.shape[0:2]
     new_height, new_width = int(height), int(width)
     c = np.array([new_width / 2., new_height / 2.], dtype=np.float32)
@@ -207,6 +271,7 @@ def centernet_pre_process(image, input_h, input_w, down_ratio=4, mean=CENTERNET_
 
 
 def letterbox(img, height=608, width=1088, color=(127.5, 127.5, 127.5)):
+    cv2 = _cv2()
     shape = img.shape[:2]
     ratio = min(float(height) / shape[0], float(width) / shape[1])
     new_shape = (round(shape[1] * ratio), round(shape[0] * ratio))
