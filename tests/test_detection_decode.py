@@ -2,12 +2,17 @@
 ctdet_post_process, FairMOT's mot_decode (+ its re-ID gather) and CenterTrack's generic_decode
 (tests/detection_reference.py), on random and adversarial heatmaps, backends 'torch' and 'triton'
 (the interpreter on CPU)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import dla_fast
 from dla_fast import detection
+from dla_fast.detection import aot as detection_aot
 from dla_fast.detection.transforms import centernet_geometry, letterbox_geometry
 
 from dla_fast.detection import reference as ref
@@ -185,3 +190,16 @@ def test_bad_arguments_named():
         detection.ctdet_decode(heat, wh, reg[:, :, :3], K=5)
     with pytest.raises(ValueError, match="heat: expected a floating-point"):
         detection.ctdet_decode(heat.long(), wh, reg, K=5)
+
+
+@pytest.mark.slow
+def test_detection_kernels_compile_for_sm90_without_spills(tmp_path):
+    """Every detection kernel configuration compiles for Hopper (no GPU needed) with no register spills."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dla_fast.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    proc = subprocess.run([sys.executable, "-m", "dla_fast.detection.aot"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("registers") == len(detection_aot.configurations()), proc.stdout

@@ -23,7 +23,7 @@ from ..ops._triton import tl, triton
 
 # Round to the nearest integer, ties to even (cvRound), for |v| < 2**22: adding and subtracting 1.5 * 2**23 in
 # fp32 leaves the integer part.
-ROUND_MAGIC = 12582912.0
+ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
