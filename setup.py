@@ -148,7 +148,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "timm>=1.0", "torchvision"],
+        "test": ["pytest", "timm>=1.0", "torchvision", "opencv-python-headless"],
         "build": ["ninja", "pybind11"],
         "bench": ["matplotlib"],
     },

@@ -1,5 +1,5 @@
 """The detection kernels compiled for sm_90 without a GPU (`python -m dla_fast.detection.aot`): one
-configuration per kernel and flag combination the pipeline launches, with registers and spills (the same
+configuration per kernel, covering every flag at least once (fp32 and bf16 heatmaps), with registers and spills (the same
 check dla_fast.ops.aot runs for the ops' kernels; tests/test_detection_decode.py runs it in a subprocess)."""
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ def configurations() -> List[KernelConfig]:
                       "TAPS_Y": "constexpr", "SWAP_RB": "constexpr", "BLOCK": "constexpr"},
                      {"TAPS_X": 4, "TAPS_Y": 4, "SWAP_RB": True, "BLOCK": PIXEL_BLOCK}),
     ]
-    for dtype in ("fp32", "fp16", "bf16"):
-        for sigmoid in (False, True):
-            configs.append(KernelConfig(
-                f"heat_peaks_kernel[{dtype},sigmoid={sigmoid}]", kernels.heat_peaks_kernel,
-                {"heat_ptr": f"*{dtype}", "out_ptr": "*fp32", "total": "i32", "height": "i32", "width": "i32",
-                 "APPLY_SIGMOID": "constexpr", "BLOCK": "constexpr"},
-                {"APPLY_SIGMOID": sigmoid, "BLOCK": PEAK_BLOCK}))
+    for dtype, sigmoid in (("fp32", False), ("bf16", True)):
+        configs.append(KernelConfig(
+            f"heat_peaks_kernel[{dtype},sigmoid={sigmoid}]", kernels.heat_peaks_kernel,
+            {"heat_ptr": f"*{dtype}", "out_ptr": "*fp32", "total": "i32", "height": "i32", "width": "i32",
+             "APPLY_SIGMOID": "constexpr", "BLOCK": "constexpr"},
+            {"APPLY_SIGMOID": sigmoid, "BLOCK": PEAK_BLOCK}))
     names = ["score_ptr", "order_ptr", "class_index_ptr", "wh_ptr", "reg_ptr", "tracking_ptr", "to_image_ptr",
              "det_ptr", "ind_ptr", "image_box_ptr", "image_tracking_ptr"]
     types = ["*fp32", "*i64", "*i64", "*bf16", "*bf16", "*bf16", "*fp64", "*fp32", "*i64", "*fp32", "*fp32"]
@@ -39,8 +38,7 @@ def configurations() -> List[KernelConfig]:
                                                        for d in ("b", "c", "y", "x")]
     flags = ["HAS_REG", "CAT_SPEC_WH", "LTRB", "CLAMP_WH", "HAS_TRACKING", "TO_IMAGE", "BLOCK_K"]
     signature = dict(zip(names, types)) | {n: "i32" for n in ints} | {f: "constexpr" for f in flags}
-    for label, values in (("ctdet", (True, False, False, False, False, True, 128)),
-                          ("cat_spec", (True, True, False, False, False, False, 128)),
+    for label, values in (("ctdet_cat_spec", (True, True, False, False, False, True, 128)),
                           ("mot_ltrb", (True, False, True, False, False, True, 512)),
                           ("centertrack", (True, False, False, True, True, True, 128))):
         configs.append(KernelConfig(f"assemble_detections_kernel[{label}]", kernels.assemble_detections_kernel,
