@@ -13,6 +13,9 @@
 #           test-compile (GPU tests of torch.compile / CUDAGraphTraining), bench-compile (compile and captured-step rows)
 #           issue 10 (training): profile-training, bench-training-fused (the fused BatchNorm training path forced),
 #           convergence
+#           issue 22 (detection): test-detection (GPU tests of dla_fast.detection), bench-end-to-end (CenterNet /
+#           FairMOT / CenterTrack pipelines at batch 1 and 16; the peers' baseline needs OpenCV: carry an
+#           opencv-python-headless wheel for the machine's python and pip install it first)
 # Commit the JSON under benchmarks/results/<gpu>/ and make the tables with benchmarks/report.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -96,6 +99,12 @@ for stage in "${STAGES[@]}"; do
           \$B --train --backend triton --providers dla_fast --json $OUT/models_centernet_dcn_training_b16_fused_bn.json" ;;
     test-changed) run_stage test-changed 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
           tests/test_folded.py tests/test_cuda_graph.py tests/test_cli.py tests/test_accelerate.py ;;
+    test-detection) run_stage test-detection 150 $PY -m pytest -q -p no:cacheprovider -rf --tb=short -m cuda \
+          tests/test_detection_decode.py tests/test_detection_preprocess.py tests/test_detection_detector.py ;;
+    bench-end-to-end) run_stage bench-end-to-end 420 bash -c "B='$PY -m dla_fast bench --end-to-end --dtype bf16 \
+          --no-progress --size 512'; \$B --model centernet_dla34 --json $OUT/end_to_end_centernet.json; \
+          \$B --model centernet_dla34 --kind fairmot --json $OUT/end_to_end_fairmot.json; \
+          \$B --model centertrack_dla34 --json $OUT/end_to_end_centertrack.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -203,3 +203,23 @@ def test_detection_kernels_compile_for_sm90_without_spills(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("registers") == len(detection_aot.configurations()), proc.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_kernels_equal_the_peers_on_cuda(kind):
+    """On the GPU: the kernels against the peers' code run on the same GPU (torch.topk's CUDA tie order); then
+    CenterNet's shapes (80 classes, 128x128, K 100) from fp32 and bf16 logits, the sigmoid fused."""
+    heat = _heatmap(kind, 3).cuda()
+    wh, reg = (t.cuda() for t in _heads(3))
+    with dla_fast.use_backend("triton"):
+        torch.testing.assert_close(detection.ctdet_decode(heat, wh, reg, K=20), ref.ctdet_decode(heat, wh, reg, K=20),
+                                   rtol=0, atol=0)
+        logits = torch.randn(2, 80, 128, 128, device="cuda") * 3
+        wh, reg = torch.rand(2, 2, 128, 128, device="cuda") * 50, torch.rand(2, 2, 128, 128, device="cuda")
+        for dtype in (torch.float32, torch.bfloat16):
+            x = logits.to(dtype)
+            expected = ref.ctdet_decode(x.sigmoid(), wh, reg, K=100)
+            out = detection.ctdet_decode(x, wh, reg, K=100, logits=True)
+            # the kernel's sigmoid (exp on the GPU) may differ from torch's by an ulp: scores within 1e-6
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, msg=str(dtype))

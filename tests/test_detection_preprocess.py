@@ -87,3 +87,14 @@ def test_bad_images_named():
         preprocess([np.zeros((8, 8, 3), np.uint8)], "fairmot", input_size=(16, 16))
     with pytest.raises(ValueError, match="mode 'yolo'"):
         preprocess([np.zeros((8, 8, 3), np.uint8)], "yolo", input_size=(8, 8))
+
+
+@pytest.mark.cuda
+def test_cuda_preprocess_equals_opencv_within_the_bound():
+    images = _images([(480, 640), (720, 1280)], seed=4)
+    expected = np.concatenate([ref.centernet_pre_process(im, 512, 512, mean=MEAN, std=STD)[0] for im in images])
+    out, _ = preprocess([torch.from_numpy(im).cuda() for im in images], "centernet", input_size=(512, 512))
+    _check_bound(out.cpu().numpy(), expected, 1 / (255 * STD.reshape(3)), "centernet on cuda")
+    expected = np.concatenate([ref.fairmot_pre_process(im, 320, 576)[0] for im in images])
+    out, _ = preprocess(images, "fairmot", input_size=(320, 576), device="cuda")
+    _check_bound(out.cpu().numpy(), expected, np.full(3, 1 / 255), "fairmot on cuda")
