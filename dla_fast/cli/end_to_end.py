@@ -27,7 +27,7 @@ import contextlib
 import copy
 import json
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -221,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--image-size {image_size[0]}x{image_size[1]}: FairMOT's letterbox downscales; frames "
                          f"must be at least --size {size} on each side")
     amp = AUTOCAST[args.dtype]
+    if args.json:
+        from .bench import check_output_path  # (bench imports this module)
+        check_output_path(args.json, "--json")
 
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()

@@ -30,6 +30,7 @@ dla_fast.detection.kernels; CUDA, or the interpreter) and 'torch' (the same arit
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -63,6 +64,12 @@ def normalization_table(mode: str, mean: Sequence[float] = COCO_MEAN, std: Seque
         std = np.asarray(std, dtype=np.float32).reshape(3, 1)
         return ((levels[None] / 255. - mean) / std).astype(np.float32)
     return np.repeat((levels.astype(np.float32) / np.float32(255.0))[None], 3, axis=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_table(mode: str, mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
+    """normalization_table on `device`, kept (one upload per mode, statistics and device)."""
+    return torch.from_numpy(normalization_table(mode, mean, std)).to(device)
 
 
 def _as_images(images: ImageBatch) -> List[torch.Tensor]:
@@ -167,7 +174,7 @@ def preprocess(images: ImageBatch, mode: str = "centernet", input_size: Sequence
                                  f"{out_h}x{out_w}; the fused letterbox implements INTER_AREA downscaling only "
                                  "(upscale the image first, or use a smaller input_size)")
     flat, offsets = _pack(items, images, device)
-    lut = torch.from_numpy(normalization_table(mode, mean, std)).to(device, non_blocking=True)
+    lut = _device_table(mode, tuple(float(v) for v in mean), tuple(float(v) for v in std), device)
     out = torch.empty(len(items), 3, out_h, out_w, dtype=torch.float32, device=device)
     implementation = backend.resolve(device, OP_NAME)
     if mode == "centernet":
