@@ -118,3 +118,17 @@ def test_cuda_graph_detector_equals_eager_detector():
         results = graphed(images)
     for a, b in zip(results, plain):
         _assert_same(a, b, "cuda graph")
+
+
+@pytest.mark.interpreter
+def test_detector_kernels_equal_the_eager_twins():
+    """The whole Detector with its kernels (backend 'triton': the interpreter on CPU) equals the eager twins."""
+    model = _model("fairmot").eval()
+    images = _images()
+    with dla_fast.use_backend("torch"):
+        expected = dla_fast.detect(model, images, K=12, input_size=INPUT, threshold=None)
+    with dla_fast.use_backend("triton"):
+        results = dla_fast.detect(model, images, K=12, input_size=INPUT, threshold=None)
+    for a, b in zip(results, expected):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
