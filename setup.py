@@ -154,7 +154,8 @@ setup(
     install_requires=["torch>=2.4", TRITON_REQUIREMENT, "numpy", "tqdm"],
     extras_require={
         "dcn": ["torchvision"],
-        "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime",
+                 "opencv-python-headless"],
         "build": ["ninja", "pybind11"],
         "bench": ["matplotlib"],
     },

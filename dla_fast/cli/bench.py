@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import dla_fast
 
-from . import UsageError, distributed
+from . import UsageError, distributed, end_to_end
 from .records import BenchRecord, device_name, make_record, markdown_table, significant, write_records
 from .timing import PeakMemory, Ratio, Timing, time_iterations
 
@@ -205,6 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     distributed.add_arguments(parser)
+    end_to_end.add_arguments(parser)
 
 
 def _resolve_device(name: Optional[str]) -> torch.device:
@@ -538,6 +539,8 @@ def _backend_note(config: BenchConfig) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.end_to_end:  # the whole detection pipeline (dla_fast.cli.end_to_end)
+        return end_to_end.run(args)
     config = resolve_config(args)
     weights = f"checkpoint {config.checkpoint}" if config.checkpoint else "random weights"
     print(f"dla_fast bench: {config.model} ({weights}) on {config.device} [{device_name(config.device)}]")
