@@ -9,7 +9,22 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+# Test files that build and run whole networks (minutes each on 2 CPU cores, mostly Triton's interpreter) and the
+# AOT compile run after the op-level files, and `slow`-marked tests last of all: pytest's progress starts with
+# the quick tests instead of sitting on one dot for minutes (a grouping by kind of test, not a measured order).
+MODEL_LEVEL_FILES = ("test_accelerate.py", "test_aot_sm90.py", "test_centernet.py", "test_centertrack.py",
+                     "test_compile.py", "test_cuda_graph_training.py", "test_dla_up.py", "test_folded.py",
+                     "test_reliability_models.py", "test_sync_batchnorm.py")
+
+
+def _run_order(item) -> int:
+    if item.get_closest_marker("slow") is not None:
+        return 2
+    return 1 if item.path.name in MODEL_LEVEL_FILES else 0
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_run_order)  # stable: file and definition order within each group
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU: torch.cuda.is_available() is False on this machine")

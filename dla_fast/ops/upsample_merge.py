@@ -67,10 +67,10 @@ def fwd_block_m(block_c: int) -> int:
     return max(16, (FWD_TILE_ELEMENTS if block_c >= 16 else NARROW_FWD_TILE_ELEMENTS) // block_c)
 
 
-def bwd_block_c(c: int, factor: int, dtype: torch.dtype) -> int:
-    """BLOCK_C of upsample_merge_bwd_kernel: up to 32 channels; 16 for fp32 at factor >= 16 (its (2f)^2 fp32
-    tap sums spill at 32 on sm_90)."""
-    return min(16 if dtype == torch.float32 and factor >= 16 else 32, next_power_of_2(c))
+def bwd_block_c(c: int, factor: int) -> int:
+    """BLOCK_C of upsample_merge_bwd_kernel: up to 32 channels; 16 at factor >= 16, where its (2f)^2 tap loop
+    spills at 32 on sm_90 (fp32 under Triton 3.8: tap sums; fp16/bf16 under Triton 3.6: 8 B of stack)."""
+    return min(16 if factor >= 16 else 32, next_power_of_2(c))
 
 
 def upsample_merge_reference(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, factor: int,
@@ -319,7 +319,7 @@ def _triton_backward(grad_out: torch.Tensor, channel_offset: int, low: torch.Ten
     if c == 0:
         return grad_low, grad_weight
     m_low = n * h * w
-    block_c = bwd_block_c(c, factor, low.dtype)
+    block_c = bwd_block_c(c, factor)
     block_m = 64
     n_tiles = cdiv(m_low, block_m)
     tiles_per_program = max(1, cdiv(n_tiles, MAX_PARTIAL_ROWS))
@@ -510,7 +510,7 @@ def kernel_configurations() -> list:
                         num_warps=4, label=triton_type(dtype),
                         aligned=_aligned(block_c, "low_ptr", "weight_t_ptr", "high_ptr", "out_ptr", "C", "C_high",
                                          "C_out")))
-            for block_c in sorted({bwd_block_c(c, factor, dtype) for c in (1, 2, 3, 5, 9, 17, 33)}):
+            for block_c in sorted({bwd_block_c(c, factor) for c in (1, 2, 3, 5, 9, 17, 33)}):
                 configs.append(make_config(
                     upsample_merge_bwd_kernel,
                     dict(grad_ptr=t, low_ptr=t, weight_t_ptr=t, grad_low_ptr=t, partial_ptr="*fp32", M_low="i32",
