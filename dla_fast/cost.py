@@ -483,7 +483,8 @@ def _cudnn_layout(out, inputs):
     if not any(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > 1
                and t.is_contiguous(memory_format=torch.channels_last) for t in inputs):
         return out
-    fix = lambda t: t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and t.dim() == 4 else t  # noqa: E731
+    def fix(t):
+        return t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
     return tuple(fix(t) for t in out) if isinstance(out, (tuple, list)) else fix(out)
 
 

@@ -124,21 +124,3 @@ def test_profile_training_smoke(tmp_path):
         assert r["step_ms"] > 0 and r["host_ms"] > 0
         assert r["by_class_ms"]["conv_fwd"] > 0 and r["by_class_ms"]["batchnorm"] > 0
         assert any(key.startswith("bwd 32x32") for key in r["conv_by_layer_ms"])
-
-
-def test_convergence_smoke(tmp_path):
-    """The convergence check's three runs (accelerated, eager, eager with another seed) on a tiny CPU task: loss
-    curves of the requested length, the accelerated run equal to the eager one of the same seed (backend torch:
-    the same eager modules), the other seed different."""
-    import json
-
-    import convergence
-
-    out = tmp_path / "convergence.json"
-    assert convergence.main(["--smoke", "--backend", "torch", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    curves = report["curves"]
-    assert sorted(curves) == ["dla_fast", "eager", "eager_seed1"]
-    assert all(len(c) == 4 for c in curves.values())
-    assert curves["dla_fast"] == curves["eager"] and curves["eager_seed1"] != curves["eager"]
-    assert report["max_gap"] == 0.0 and report["within_spread"]

@@ -18,6 +18,8 @@ import ast
 import json
 from typing import Dict, List
 
+import torch
+
 import dla_fast
 
 from . import UsageError
@@ -58,7 +60,8 @@ def _check(args) -> Dict[str, object]:
     from dla_fast.cost import providers_for
 
     if args.model not in dla_fast.list_models():
-        raise UsageError(f"--model {args.model!r} is not a dla_fast model; choose one of {', '.join(dla_fast.list_models())}")
+        raise UsageError(f"--model {args.model!r} is not a dla_fast model; choose one of "
+                         f"{', '.join(dla_fast.list_models())}")
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1; got {args.batch}")
     if args.size < DLA_STRIDE or args.size % DLA_STRIDE:
@@ -75,7 +78,7 @@ def _check(args) -> Dict[str, object]:
     else:
         args.providers = known
     try:
-        with __import__("torch").device("meta"):
+        with torch.device("meta"):
             dla_fast.create_model(args.model, **kwargs)
     except (TypeError, ValueError, ImportError) as e:
         raise UsageError(f"--model {args.model} with {kwargs or 'no keyword arguments'}: {e}") from None
