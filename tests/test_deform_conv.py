@@ -417,3 +417,38 @@ def test_torch_compile_fullgraph_traces_through(monkeypatch):
     assert rel_err(out, expected) < 1e-5
     grad_w = torch.autograd.grad(expected, layer.weight, torch.ones_like(expected))[0]
     assert rel_err(layer.weight.grad, grad_w) < 1e-5
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_dcn_block_keeps_the_non_finite_pattern(training):
+    """CenterNet's DCN block fused (eval: BatchNorm folded into the deformable conv; training: batch statistics)
+    with NaN and +Inf pixels: the NaN / Inf pattern of the block's eager reference (dcn_block_reference, whose
+    deformable conv is the eager reference tested against torchvision above; torchvision itself cannot run it:
+    the offset-mask conv turns a NaN pixel into NaN x offsets, which make it read outside its allocation)."""
+    import copy
+
+    from dla_fast.models.centernet import IDAConv
+    from dla_fast.nn import FusedDCNBlock
+    from dla_fast.ops.deform_conv.block import dcn_block_reference
+
+    from helpers import randomize_bn
+
+    torch.manual_seed(0)
+    original = randomize_bn(IDAConv(2, 3, deformable=True), torch.Generator().manual_seed(1)).train(training)
+    with torch.no_grad():
+        original.conv.conv_offset_mask.weight.normal_(0.0, 0.4)
+        original.conv.conv_offset_mask.bias.normal_(0.0, 1.0)
+    fused = FusedDCNBlock(copy.deepcopy(original)).train(training)
+    x = torch.rand(2, 2, 5, 6) + 0.5
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1, 4, 5] = float("inf")
+    conv, bn = original.conv, original.actf[0]
+    with torch.no_grad():
+        expected = dcn_block_reference(x, conv.conv_offset_mask(x), conv.weight, conv.bias, bn.weight, bn.bias,
+                                       bn.running_mean.clone(), bn.running_var.clone(), training=training,
+                                       eps=bn.eps, stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+        with dla_fast.use_backend(KERNEL_BACKEND), poisoned_allocations():
+            out = fused(x)
+    assert not expected.isfinite().all()
+    assert_same_non_finite(out, expected, 1e-5)
