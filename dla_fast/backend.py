@@ -187,8 +187,12 @@ def _warn_eager_without_triton() -> None:
 
 def exporting_portable() -> bool:
     """Whether a portable export is being traced: torch.onnx.export (either exporter) or torch.jit.trace. The
-    fused kernels are not ONNX or TorchScript operators, so every op then runs its eager reference."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    fused kernels are not ONNX or TorchScript operators, so every op then runs its eager reference. Cheap on
+    the eager path (one C call): the TorchScript-based exporter traces with torch.jit's tracer, and the
+    dynamo-based one through torch.export, where torch.compiler.is_compiling() is true."""
+    if torch._C._is_tracing():
+        return True
+    return torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()
 
 
 @torch.compiler.assume_constant_result

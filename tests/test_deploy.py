@@ -197,18 +197,20 @@ def _assert_program_equals_eager(loaded, eager_out, eager_model, what):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", MODELS, ids=_id)
 def test_torch_export_train_and_eval_save_load_in_a_fresh_process(case, tmp_path):
-    """torch.export of the accelerated model (backend 'auto') in eval and in train mode: saved, loaded in a fresh
-    process, the same outputs (and, in train mode, running statistics) as the eager model."""
+    """torch.export of the plain and the accelerated model (backend 'auto') in eval and in train mode: saved,
+    loaded in one fresh process, the same outputs (and, in train mode, running statistics) as the eager model."""
     name, kwargs = case
     programs, eager = [], {}
-    for mode in ("eval", "train"):
-        model = _model(name, kwargs, accelerated=True, train=mode == "train")
-        inputs = _inputs(name, batch=2)
-        programs.append((mode, torch.export.export(copy.deepcopy(model), inputs), inputs))
-        eager[mode] = (model(*inputs), model)
+    for accelerated in (False, True):
+        for mode in ("eval", "train"):
+            tag = f"{'accelerated' if accelerated else 'plain'}-{mode}"
+            model = _model(name, kwargs, accelerated, train=mode == "train")
+            inputs = _inputs(name, batch=2)
+            programs.append((tag, torch.export.export(copy.deepcopy(model), inputs), inputs))
+            eager[tag] = (model(*inputs), model)
     loaded = _export_round_trip(tmp_path, programs)
-    for mode, (out, model) in eager.items():
-        _assert_program_equals_eager(loaded[mode], out, model, f"{mode} program")
+    for tag, (out, model) in eager.items():
+        _assert_program_equals_eager(loaded[tag], out, model, f"{tag} program")
 
 
 @pytest.mark.slow
