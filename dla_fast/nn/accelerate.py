@@ -13,6 +13,7 @@ from ..ops.common import clear_derived
 from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
+from .memory import RecomputeHooks
 from .root import FusedRoot
 
 _STATE_ATTR = "_dla_fast_acceleration"
@@ -79,7 +80,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, verbose: bool = False) -> nn.Module:
+def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, verbose: bool = False,
+               memory_efficient: bool = False) -> nn.Module:
     """Replace DLA's aggregation nodes (and the other fusable pieces) of `model` by fused modules, in place.
 
     Works on dla_fast and timm DLA models, on any device, before or after `.to(device)`. Parameters,
@@ -89,7 +91,9 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     and named in a warning. With fold_bn=True the residual blocks and conv-BN-ReLU stacks are replaced too:
     in eval mode without gradients they run with BatchNorm folded into the convs (one fused cuDNN call per
     conv on CUDA; dla_fast.nn.folded), otherwise exactly as before.
-    Which kernels run is decided at call time by dla_fast.backend. Returns the model.
+    Which kernels run is decided at call time by dla_fast.backend. With memory_efficient=True the fused ops save
+    their inputs instead of their outputs and recompute those in the backward (dla_fast.nn.memory; off by default
+    until a GPU measurement shows what it costs). Returns the model.
     """
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already accelerated; call dla_fast.restore(model) first")
@@ -116,7 +120,8 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     was_channels_last = _is_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    setattr(model, _STATE_ATTR, dict(swapped=swapped, restore_contiguous=channels_last and not was_channels_last))
+    setattr(model, _STATE_ATTR, dict(swapped=swapped, restore_contiguous=channels_last and not was_channels_last,
+                                     recompute_hooks=RecomputeHooks(model) if memory_efficient else None))
     if verbose:
         print(f"dla_fast.accelerate: fused {len(swapped)} modules, left {len(skipped)} eager")
     return model
@@ -146,6 +151,8 @@ def restore(model: nn.Module) -> nn.Module:
             if id(m) not in shared:
                 m.training = fused.training
         _replace(model, name, original)
+    if state["recompute_hooks"] is not None:
+        state["recompute_hooks"].remove()
     if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)

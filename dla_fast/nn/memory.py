@@ -1,0 +1,61 @@
+"""The memory-efficient training mode of accelerate(model, memory_efficient=True): the model's forward runs inside
+dla_fast.ops.recompute.recompute_activations().
+
+There the fused ops save, instead of their outputs, how to recompute them: each fused BatchNorm [+ residual] +
+ReLU keeps only its input and statistics (its output — the next conv's input, the op's own ReLU mask, a residual,
+an aggregation node's child — is recomputed by one pointwise pass when a backward needs it); an aggregation node
+keeps its children and pre-BN output (never the concatenation); an IDA up-merge keeps its inputs (the merged
+tensor, the next conv's input, is merged again). Outputs, gradients and running statistics are those of the
+plain fused path, bit for bit; the recomputation costs about one extra read of each activation and write of its
+recomputed output in the backward. Only the fused paths save less: backend 'torch', and `auto` on CPU tensors or
+in the blocks' training BatchNorm (see dla_fast.nn.folded), run eagerly and save what eager saves.
+
+The mode is two hooks on the model: a forward pre-hook (first of all) that enters the context when gradients
+are enabled, and a forward hook that always runs (also when the forward raises) and leaves it. Under
+torch.compile it does nothing (Inductor decides what a compiled graph saves). torch.utils.checkpoint inside the
+model (timm's set_grad_checkpointing) takes over the saved-tensor hooks of the stages it wraps: those recompute
+whole stages their own way, and the numbers stay the same.
+"""
+from __future__ import annotations
+
+import threading
+from typing import List
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from ..ops import recompute
+
+
+class RecomputeHooks:
+    """The model's forward runs inside recompute_activations() while these hooks are installed (`remove()`
+    uninstalls them). Thread-safe: each thread (DataParallel replicas) has its own stack of open contexts."""
+
+    def __init__(self, model: nn.Module):
+        self._local = threading.local()
+        self.handles: List[RemovableHandle] = [
+            model.register_forward_pre_hook(self._enter, prepend=True),
+            model.register_forward_hook(self._leave, always_call=True)]
+
+    def _stack(self) -> list:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def _enter(self, module: nn.Module, args) -> None:
+        context = None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            context = recompute.recompute_activations()
+            context.__enter__()
+        self._stack().append(context)
+
+    def _leave(self, module: nn.Module, args, output) -> None:
+        stack = self._stack()
+        context = stack.pop() if stack else None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
