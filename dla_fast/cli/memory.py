@@ -17,42 +17,48 @@ import torch.nn as nn
 from ..ops import recompute
 
 
-def _forward_output_tensors(output) -> list:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _forward_output_tensors(item)]
-    return []
+class SavedBytes:
+    """Counts, while open (`with SavedBytes(model) as saved: out = model(x)`), the storages of what autograd saves,
+    each once, parameters and buffers of `model` excluded: `saved.bytes`, and `saved.storages` {(device, storage
+    address): (bytes, shape of the first tensor saved in it)}. Counted storages are kept alive until the context
+    closes (so no address is freed, reused and missed)."""
 
+    def __init__(self, model: nn.Module):
+        self._excluded = {(t.device, t.untyped_storage().data_ptr()) for t in [*model.parameters(), *model.buffers()]}
+        self.storages: Dict[Tuple[torch.device, int], Tuple[int, tuple]] = {}
+        self._held: list = []
+        self._context = None
 
-def saved_storages(model: nn.Module, x: torch.Tensor) -> Dict[Tuple[torch.device, int], Tuple[int, tuple]]:
-    """{(device, storage address): (storage bytes, shape of the first tensor saved in it)} of what autograd saves in
-    one forward of `model` on `x` (gradients enabled, in the model's current mode), parameters and buffers
-    excluded. Runs the forward (training mode updates BatchNorm running statistics, as any forward does)."""
-    excluded = {(t.device, t.untyped_storage().data_ptr()) for t in [*model.parameters(), *model.buffers()]}
-    seen: Dict[Tuple[torch.device, int], Tuple[int, tuple]] = {}
-    held = []  # keeps every counted storage alive until the end, so that no address is reused and missed
+    @property
+    def bytes(self) -> int:
+        return sum(size for size, _ in self.storages.values())
 
-    def record(packed) -> None:
+    def _record(self, packed) -> None:
         tensors = packed.tensors() if isinstance(packed, recompute.Recipe) else [packed]
         for t in tensors:
             storage = t.untyped_storage()
             key = (t.device, storage.data_ptr())
-            if key not in excluded and key not in seen and storage.nbytes() > 0:
-                seen[key] = (storage.nbytes(), tuple(t.shape))
-                held.append(t)
+            if key not in self._excluded and key not in self.storages and storage.nbytes() > 0:
+                self.storages[key] = (storage.nbytes(), tuple(t.shape))
+                self._held.append(t)
 
-    with torch.enable_grad(), recompute.observe_saved(record):
-        output = model(x)
-    del output, held
-    return seen
+    def __enter__(self) -> "SavedBytes":
+        self._context = recompute.observe_saved(self._record)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+        self._held.clear()
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves in one forward of `model` on `x` (see saved_storages)."""
-    return sum(size for size, _ in saved_storages(model, x).values())
+    """Bytes autograd saves in one forward of `model` on `x` with gradients enabled, in the model's current mode
+    (training mode updates the BatchNorm running statistics, as any training forward does); see SavedBytes."""
+    with torch.enable_grad(), SavedBytes(model) as saved:
+        output = model(x)
+    del output
+    return saved.bytes
 
 
 def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:

@@ -13,7 +13,7 @@ from ..ops.common import clear_derived
 from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
-from .memory import RecomputeHooks
+from . import memory
 from .root import FusedRoot
 
 _STATE_ATTR = "_dla_fast_acceleration"
@@ -120,8 +120,9 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     was_channels_last = _is_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    setattr(model, _STATE_ATTR, dict(swapped=swapped, restore_contiguous=channels_last and not was_channels_last,
-                                     recompute_hooks=RecomputeHooks(model) if memory_efficient else None))
+    if memory_efficient:
+        memory.install(model)
+    setattr(model, _STATE_ATTR, dict(swapped=swapped, restore_contiguous=channels_last and not was_channels_last))
     if verbose:
         print(f"dla_fast.accelerate: fused {len(swapped)} modules, left {len(skipped)} eager")
     return model
@@ -151,8 +152,7 @@ def restore(model: nn.Module) -> nn.Module:
             if id(m) not in shared:
                 m.training = fused.training
         _replace(model, name, original)
-    if state["recompute_hooks"] is not None:
-        state["recompute_hooks"].remove()
+    memory.uninstall(model)
     if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)

@@ -19,43 +19,46 @@ whole stages their own way, and the numbers stay the same.
 from __future__ import annotations
 
 import threading
-from typing import List
 
 import torch
 import torch.nn as nn
-from torch.utils.hooks import RemovableHandle
 
 from ..ops import recompute
 
+_LOCAL = threading.local()  # .stack: the contexts opened by _enter in this thread (None: not opened)
 
-class RecomputeHooks:
-    """The model's forward runs inside recompute_activations() while these hooks are installed (`remove()`
-    uninstalls them). Thread-safe: each thread (DataParallel replicas) has its own stack of open contexts."""
 
-    def __init__(self, model: nn.Module):
-        self._local = threading.local()
-        self.handles: List[RemovableHandle] = [
-            model.register_forward_pre_hook(self._enter, prepend=True),
-            model.register_forward_hook(self._leave, always_call=True)]
+def _stack() -> list:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
 
-    def _stack(self) -> list:
-        if not hasattr(self._local, "stack"):
-            self._local.stack = []
-        return self._local.stack
 
-    def _enter(self, module: nn.Module, args) -> None:
-        context = None
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            context = recompute.recompute_activations()
-            context.__enter__()
-        self._stack().append(context)
+def _enter(module: nn.Module, args) -> None:
+    context = None
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        context = recompute.recompute_activations()
+        context.__enter__()
+    _stack().append(context)
 
-    def _leave(self, module: nn.Module, args, output) -> None:
-        stack = self._stack()
-        context = stack.pop() if stack else None
-        if context is not None:
-            context.__exit__(None, None, None)
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _leave(module: nn.Module, args, output) -> None:
+    stack = _stack()
+    context = stack.pop() if stack else None
+    if context is not None:
+        context.__exit__(None, None, None)
+
+
+def install(model: nn.Module) -> None:
+    """The model's forward runs inside recompute_activations() from now on. The hooks are plain functions and the
+    contexts per thread (DataParallel replicas), so the model can be deep-copied (an EMA copy keeps the mode)."""
+    model.register_forward_pre_hook(_enter, prepend=True)
+    model.register_forward_hook(_leave, always_call=True)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove the hooks `install` put on `model` (also from a deep copy of it)."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in hooks.items() if hook is _enter or hook is _leave]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 _STATE = threading.local()  # .registry: the active WeakIdKeyDictionary (tensor -> (version, Recipe)) or None
-                            # .observer: the callback of observe_saved, or None
+                            # .observers: the callbacks of the open observe_saved contexts
 
 
 class Recipe:
@@ -89,8 +89,7 @@ def _pack(t: torch.Tensor):
     registry = _registry()
     entry = registry.get(t) if registry is not None else None
     packed = entry[1] if entry is not None and entry[0] == t._version else t
-    observer = getattr(_STATE, "observer", None)
-    if observer is not None:
+    for observer in getattr(_STATE, "observers", ()):
         observer(packed)
     return packed
 
@@ -115,11 +114,12 @@ def recompute_activations() -> Iterator[None]:
 @contextlib.contextmanager
 def observe_saved(callback: Callable[[object], None]) -> Iterator[None]:
     """Call `callback(packed)` for every tensor autograd saves in this thread while it is open: `packed` is the
-    tensor itself, or the Recipe saved in its place inside recompute_activations()."""
-    previous = getattr(_STATE, "observer", None)
-    _STATE.observer = callback
+    tensor itself, or the Recipe saved in its place inside recompute_activations(). Contexts nest: every open
+    one's callback is called."""
+    previous = getattr(_STATE, "observers", ())
+    _STATE.observers = previous + (callback,)
     try:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             yield
     finally:
-        _STATE.observer = previous
+        _STATE.observers = previous
