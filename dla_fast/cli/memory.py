@@ -9,7 +9,9 @@ forward's transient peaks or the backward's own allocations.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+import contextlib
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -61,18 +63,85 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return saved.bytes
 
 
-def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """torch.cuda.max_memory_allocated over one call of `step` (after a synchronize), from the current allocation."""
+@dataclasses.dataclass(frozen=True)
+class TrainingMemory:
+    """Memory of one provider's training step. kind: what `peak_bytes` is — CUDA: torch.cuda.max_memory_allocated
+    of a training step (weights, gradients, optimizer state, activations, workspaces); CPU: the saved-activation
+    bytes of the training forward (SavedBytes). fixed_bytes + batch * bytes_per_image is the linear fit over the
+    batch (CUDA: peaks at two batch sizes; CPU: the parameters three times — weights, gradients, SGD momentum —
+    plus the saved activations per image), and largest_batch the largest batch it puts within budget_bytes (None
+    without a budget)."""
+
+    kind: str
+    peak_bytes: int
+    fixed_bytes: float
+    bytes_per_image: float
+    budget_bytes: Optional[int] = None
+    largest_batch: Optional[int] = None
+
+
+def largest_batch(fixed_bytes: float, bytes_per_image: float, budget_bytes: float) -> int:
+    """The largest batch whose memory, fixed_bytes + batch * bytes_per_image, fits budget_bytes; 0 when not even
+    one image fits."""
+    if bytes_per_image <= 0:
+        raise ValueError(f"bytes_per_image must be positive, got {bytes_per_image}")
+    return max(0, int((budget_bytes - fixed_bytes) // bytes_per_image))
+
+
+def _cuda_step_peak(make_step: Callable[[int], Callable[[], None]], batch: int, device: torch.device) -> int:
+    """max_memory_allocated over the second of two training steps at `batch` (the first allocates the gradients
+    and the optimizer state, which the second then holds as every later step does)."""
+    step = make_step(batch)
+    step()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del step
+    return peak
 
 
-def largest_batch(fixed_bytes: int, bytes_per_image: float, budget_bytes: int) -> int:
-    """The largest batch whose memory, fixed_bytes + batch * bytes_per_image (linear in the batch), fits
-    budget_bytes; 0 when not even one image fits."""
-    if bytes_per_image <= 0:
-        raise ValueError(f"bytes_per_image must be positive, got {bytes_per_image}")
-    return max(0, int((budget_bytes - fixed_bytes) // bytes_per_image))
+def measure_training_memory(model: nn.Module, make_example: Callable[[int], torch.Tensor],
+                            make_step: Callable[[int], Callable[[], None]], batch: int, device: torch.device,
+                            budget_bytes: Optional[int] = None,
+                            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                            ) -> TrainingMemory:
+    """The training memory of `model` (a provider's prepared model, in training mode) at `batch`.
+
+    make_example(b): an input batch of b images; make_step(b): a training step (forward, backward, optimizer
+    step) on such a batch. CUDA: the step's peak at `batch` and at a second batch (half of it; twice it up to batch 2)
+    fit fixed_bytes and bytes_per_image. CPU: the saved-activation bytes of one training forward under
+    `autocast` (see TrainingMemory)."""
+    if device.type == "cuda":
+        other = batch // 2 if batch > 2 else 2 * batch  # never batch 1: BatchNorm of a 1x1 level would refuse it
+        peaks = {b: _cuda_step_peak(make_step, b, device) for b in (batch, other)}
+        per_image = (peaks[batch] - peaks[other]) / (batch - other)
+        fixed = peaks[batch] - per_image * batch
+        kind = "torch.cuda.max_memory_allocated of a training step"
+        peak = peaks[batch]
+    else:
+        with autocast():
+            peak = saved_activation_bytes(model, make_example(batch))
+        per_image = peak / batch
+        fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        kind = "saved-activation bytes of the training forward (autograd's saved tensors, each storage once)"
+    fits = None
+    if budget_bytes is not None and per_image > 0:
+        fits = largest_batch(fixed, per_image, budget_bytes)
+    return TrainingMemory(kind, int(peak), fixed, per_image, budget_bytes, fits)
+
+
+def memory_lines(rows: Sequence[Tuple[str, TrainingMemory]]) -> List[str]:
+    """Footnote lines for `bench --train`: per provider the peak (or saved) memory, and the largest batch within
+    the budget when one was given."""
+    if not rows:
+        return []
+    lines = [f"training memory: {rows[0][1].kind}"]
+    for provider, m in rows:
+        line = (f"  {provider}: {m.peak_bytes / 2**20:.1f} MiB; fit {m.fixed_bytes / 2**20:.1f} MiB + "
+                f"{m.bytes_per_image / 2**20:.2f} MiB per image")
+        if m.budget_bytes is not None:
+            line += f"; largest batch within {m.budget_bytes / 1e9:g} GB: {m.largest_batch}"
+        lines.append(line)
+    return lines
