@@ -241,7 +241,9 @@ def test_memory_efficient_mode_under_checkpointed_stages():
     for memory_efficient in (False, True):
         for use_reentrant in (False, True):
             torch.manual_seed(0)
-            model = torch.nn.Sequential(BasicBlock(3, 4), CheckpointedStage(torch.nn.Sequential(
+            stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
+                                       torch.nn.ReLU(inplace=True))
+            model = torch.nn.Sequential(stem, CheckpointedStage(torch.nn.Sequential(
                 BasicBlock(4, 4), BasicBlock(4, 4)), use_reentrant), BasicBlock(4, 4)).train()
             randomize_bn(model)
             dla_fast.accelerate(model, memory_efficient=memory_efficient)
