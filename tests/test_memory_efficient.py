@@ -165,8 +165,8 @@ def test_memory_efficient_training_equals_fused_path_and_eager(name, kwargs, nar
 
 
 def test_memory_efficient_mode_is_reversible_and_idle_without_gradients():
-    """Inside the model's forward the context is open when gradients are enabled, not otherwise; restore() removes
-    the hooks."""
+    """Inside the model's forward the context is open when gradients are enabled, not otherwise; a deep copy keeps
+    the mode; restore() removes the hooks."""
     model = dla_fast.create_model("dla34", num_classes=10)
     dla_fast.accelerate(model, memory_efficient=True)
     seen = []
@@ -176,6 +176,10 @@ def test_memory_efficient_mode_is_reversible_and_idle_without_gradients():
         with torch.no_grad():
             model.eval()(torch.randn(1, 3, 32, 32))
     assert seen == [True, False] and not recompute.active()
+    twin = copy.deepcopy(model)  # an EMA copy keeps the mode
+    with dla_fast.use_backend("torch"):
+        twin.train()(torch.randn(2, 3, 32, 32))
+    assert seen[-1] is True
     dla_fast.restore(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
     model(torch.randn(1, 3, 32, 32))
