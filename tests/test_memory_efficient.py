@@ -275,3 +275,18 @@ class CheckpointedStage(torch.nn.Module):
 
     def forward(self, x):
         return torch.utils.checkpoint.checkpoint(self.stage, x, use_reentrant=self.use_reentrant)
+
+
+def test_blocks_train_through_the_fused_op_in_the_mode_under_auto(monkeypatch):
+    """Under `auto` on CUDA the blocks' training BatchNorm stays eager (AUTO_CHOICE['batchnorm_act_training']),
+    which saves what eager saves; inside the memory-efficient mode they take the fused op's choice instead (a GPU
+    stands in: `resolve` answers as it does for CUDA tensors under auto)."""
+    from dla_fast.nn import folded
+
+    model = dla_fast.accelerate(dla_fast.create_model("dla34", num_classes=10))
+    pairs, x = model.level2.tree1.pairs, torch.randn(2, 32, 8, 8)
+    monkeypatch.setattr(dla_fast.backend, "resolve",
+                        lambda device, op="", dtype=None: dla_fast.backend.AUTO_CHOICE.get(op, "triton"))
+    assert not folded.fused_training_applies(pairs, x)
+    with recompute.recompute_activations():
+        assert folded.fused_training_applies(pairs, x)

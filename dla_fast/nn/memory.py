@@ -7,8 +7,9 @@ an aggregation node's child — is recomputed by one pointwise pass when a backw
 keeps its children and pre-BN output (never the concatenation); an IDA up-merge keeps its inputs (the merged
 tensor, the next conv's input, is merged again). Outputs, gradients and running statistics are those of the
 plain fused path, bit for bit; the recomputation costs about one extra read of each activation and write of its
-recomputed output in the backward. Only the fused paths save less: backend 'torch', and `auto` on CPU tensors or
-in the blocks' training BatchNorm (see dla_fast.nn.folded), run eagerly and save what eager saves.
+recomputed output in the backward. Only the fused paths save less: backend 'torch', and `auto` on CPU tensors, run eagerly
+and save what eager saves; inside the mode the blocks' training BatchNorm takes the fused op's backend choice
+(dla_fast.nn.folded.fused_training_applies: under `auto` on CUDA fused, where outside the mode it stays eager).
 
 The mode is two hooks on the model: a forward pre-hook (first of all) that enters the context when gradients
 are enabled, and a forward hook that always runs (also when the forward raises) and leaves it. Under
