@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import dla_fast
 
-from . import UsageError, distributed, end_to_end
+from . import UsageError, distributed, end_to_end, memory
 from .records import BenchRecord, device_name, make_record, markdown_table, significant, write_records
 from .timing import PeakMemory, Ratio, Timing, time_iterations
 
@@ -78,6 +78,10 @@ def _prepare_dla_fast_compile_graph(model: nn.Module, config: "BenchConfig") -> 
     return torch.compile(dla_fast.accelerate(model), mode="reduce-overhead")
 
 
+def _prepare_dla_fast_memory_efficient(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return dla_fast.accelerate(model, memory_efficient=True)
+
+
 def _cuda_graphed(model: nn.Module, config: "BenchConfig") -> nn.Module:
     """The model replayed from captured CUDA graphs: the forward (inference), or forward + backward (training)."""
     if config.train:
@@ -118,6 +122,11 @@ PROVIDERS: Dict[str, Provider] = {
                               description=lambda config: "torch.compile(mode='reduce-overhead'): inductor kernels "
                                                          "replayed from CUDA graphs"),
     "dla_fast": Provider("dla_fast", _prepare_dla_fast, baseline=False, description=_accelerated_description),
+    "dla_fast_memory_efficient": Provider("dla_fast_memory_efficient", _prepare_dla_fast_memory_efficient,
+                                          baseline=False,
+                                          description=lambda config: "dla_fast.accelerate(model, "
+                                          "memory_efficient=True): the fused ops save their inputs and recompute "
+                                          "their outputs in the backward (dla_fast.nn.memory)"),
     "dla_fast_compile": Provider("dla_fast_compile", _prepare_dla_fast_compile, baseline=False,
                                  description=lambda config: "torch.compile of the accelerated model (dla_fast's "
                                                             "ops, the folded convs' cuDNN call included, stay custom "
@@ -155,6 +164,7 @@ class BenchConfig:
     providers: tuple = ("eager",)
     backend: str = "auto"
     backends: tuple = ("auto",)
+    memory_budget_gb: Optional[float] = None
 
     @property
     def mode(self) -> str:
@@ -202,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{', '.join(dla_fast.backend.BACKENDS)} (default auto); several, comma-separated, time each "
                         "dla_fast provider once per backend (e.g. --train --backend auto,triton,cuda compares the "
                         "training paths)")
+    parser.add_argument("--memory-budget", type=float, metavar="GB",
+                        help="with --train: also print the largest batch whose training memory fits GB (10^9 bytes) "
+                             "per provider (dla_fast.cli.memory)")
     parser.add_argument("--json", metavar="PATH", help="also write the benchmark records to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     distributed.add_arguments(parser)
@@ -324,6 +337,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         raise UsageError(f"--providers {','.join(graphed)}: CUDA-graph replay needs a CUDA GPU (the device is "
                          f"{device})")
     backends = _resolve_backends(args.backend, device, any(p.startswith("dla_fast") for p in providers))
+    if args.memory_budget is not None and (not args.train or not args.memory_budget > 0):
+        raise UsageError(f"--memory-budget {args.memory_budget}: give a positive number of GB, with --train")
     if args.json:
         check_output_path(args.json, "--json")
     note = None
@@ -333,7 +348,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
                 + " (set --batch/--size/--warmup/--iters to change)")
     return BenchConfig(model=args.model, checkpoint=args.checkpoint, device=device, dtype=args.dtype,
                        channels_last=args.channels_last, train=args.train, progress=args.progress,
-                       defaults_note=note, providers=providers, backend=backends[0], backends=backends, **values)
+                       defaults_note=note, providers=providers, backend=backends[0], backends=backends,
+                       memory_budget_gb=args.memory_budget, **values)
 
 
 def build_model(config: BenchConfig) -> nn.Module:
@@ -448,8 +464,21 @@ def bench_provider(provider: Provider, eager_model: nn.Module, config: BenchConf
         extra["backend"] = config.backend
     if config.device.type == "cpu":
         extra["cpu_threads"] = torch.get_num_threads()
+    if config.train:
+        extra["training_memory"] = dataclasses.asdict(_training_memory(model, config))
     return make_record(config.model, label, config.mode, config.dtype, config.input_shape, timing, config.device,
                        min_flops=step_flops, baseline=provider.baseline, extra=extra)
+
+
+def _training_memory(model: nn.Module, config: BenchConfig) -> memory.TrainingMemory:
+    """The provider's training memory at config.batch and the largest batch within --memory-budget."""
+    def make_example(batch: int) -> torch.Tensor:
+        shape = [batch] + config.input_shape[1:]
+        return torch.randn(shape, device=config.device).contiguous(memory_format=config.memory_format)
+
+    budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * 1e9)
+    return memory.measure_training_memory(model, make_example, lambda b: make_step(model, make_example(b), config),
+                                          config.batch, config.device, budget, config.autocast)
 
 
 def run_benchmarks(config: BenchConfig, providers: List[Provider]) -> List[BenchRecord]:
@@ -563,6 +592,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(out_of_memory_message(e, config)) from None
     print(format_table(records))
     for line in _footnotes(records, config, providers):
+        print(line)
+    for line in memory.memory_lines([(r.provider, memory.TrainingMemory(**r.extra["training_memory"]))
+                                     for r in records if "training_memory" in r.extra]):
         print(line)
     if args.json:
         try:

@@ -13,6 +13,7 @@ from ..ops.common import clear_derived
 from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
+from . import memory
 from .op_kinds import OP_KINDS
 from .root import FusedRoot
 
@@ -124,7 +125,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, verbose: bool = False,
-               include: OpKinds = None, exclude: OpKinds = None) -> nn.Module:
+               include: OpKinds = None, exclude: OpKinds = None, memory_efficient: bool = False) -> nn.Module:
     """Replace DLA's aggregation nodes (and the other fusable pieces) of `model` by fused modules, in place.
 
     Works on dla_fast and timm DLA models, on any device, before or after `.to(device)`. Parameters,
@@ -140,11 +141,15 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     "batchnorm_act", "deform_conv"), a name or a list; the op kinds fused are `include` (default all) less
     `exclude`, and fold_bn=False excludes "fold_bn" and "batchnorm_act". The others keep their eager PyTorch path
     (a module whose op kinds are all kept eager is not replaced). Unknown names raise ValueError with the list.
+    With memory_efficient=True the fused ops save their inputs instead of their outputs and recompute those in
+    the backward (dla_fast.nn.memory; off by default until a GPU measurement shows what it costs).
     Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be an nn.Module; got {type(model).__name__}")
     ops = enabled_op_kinds(include, exclude, fold_bn)
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"accelerate: memory_efficient must be True or False; got {memory_efficient!r}")
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already accelerated; call dla_fast.restore(model) first")
     swapped, skipped = [], []
@@ -170,6 +175,8 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     was_channels_last = _is_channels_last(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if memory_efficient:
+        memory.install(model)
     setattr(model, _STATE_ATTR, dict(swapped=swapped, restore_contiguous=channels_last and not was_channels_last))
     if verbose:
         print(f"dla_fast.accelerate: fused {len(swapped)} modules, left {len(skipped)} eager")
@@ -211,6 +218,7 @@ def restore(model: nn.Module) -> nn.Module:
             if id(m) not in shared:
                 m.training = fused.training
         _replace(model, name, original)
+    memory.uninstall(model)
     if state["restore_contiguous"]:
         model.to(memory_format=torch.contiguous_format)
     delattr(model, _STATE_ATTR)

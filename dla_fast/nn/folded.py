@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 
 from .. import backend
+from ..ops import recompute
 from ..ops.batchnorm_act import batchnorm_act
+from ..ops.batchnorm_act.op import OP_NAME as BATCHNORM_ACT_OP
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
 from .batchnorm import BATCHNORM_TYPES, batchnorm_unsupported, sync_args
 from .op_kinds import ALL_OP_KINDS
@@ -148,10 +150,12 @@ def fold_applies(module: nn.Module, pairs: List[FoldedConvBN], x: torch.Tensor, 
 
 def fused_training_applies(pairs: List[FoldedConvBN], x: torch.Tensor) -> bool:
     """Whether a call that is not folded runs conv + fused BatchNorm-act: every BatchNorm a plain
-    nn.BatchNorm2d, and the backend for TRAINING_OP_NAME not 'torch'."""
+    nn.BatchNorm2d, and the backend for TRAINING_OP_NAME not 'torch' — or, inside the memory-efficient mode
+    (dla_fast.ops.recompute, where only the fused op saves less than eager), the backend for the op itself."""
     if any(type(p.bn).forward is not nn.BatchNorm2d.forward for p in pairs):
         return False
-    return backend.resolve(x.device, TRAINING_OP_NAME, x.dtype) != "torch"
+    op = BATCHNORM_ACT_OP if recompute.active() else TRAINING_OP_NAME
+    return backend.resolve(x.device, op, x.dtype) != "torch"
 
 
 class _Folded(nn.Module):

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
+from . import recompute
 from ._triton import tl, triton
 from .common import (ValidatedSignatures, cached_derived, cdiv, channels_last, dense_stride, device_guard,
                      extension_ops, next_power_of_2, tensor_signature, with_stride)
@@ -433,6 +434,11 @@ def _saved_input_backward(grad_out, channel_offset, low, kernel_weight, factor, 
     return _IMPLS[impl][2](channels_last(grad_out), channel_offset, low, kernel_weight, factor, weight_dtype)
 
 
+def _merge_again(forward, low, kernel_weight, high, factor, concat):
+    """The eager Function's forward once more (memory-efficient mode, dla_fast.ops.recompute)."""
+    return forward(low, kernel_weight, channels_last(high), factor, concat)
+
+
 class _UpsampleMergeFunction(torch.autograd.Function):
     """Eager-mode autograd of the fused paths; low and the weight are converted once, for both passes (the
     weight's layout cached across calls until it changes)."""
@@ -443,6 +449,8 @@ class _UpsampleMergeFunction(torch.autograd.Function):
         weight_dtype, weight_stride = weight.dtype, dense_stride(weight)
         low, weight = channels_last(low), kernel_weight(weight, low.dtype)
         out = forward(low, weight, channels_last(high), factor, concat)
+        if recompute.active():  # the merged tensor is saved (by the conv that reads it) as its recipe
+            recompute.recomputable(out, _merge_again, forward, low, weight, high, factor, concat)
         _save_for_backward(ctx, low, weight, high.shape[1], factor, concat, impl, weight_dtype, weight_stride)
         return out
 

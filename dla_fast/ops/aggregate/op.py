@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ... import backend
-from .. import sync_stats
-from ..common import ValidatedSignatures, device_guard, fp32_vector, tensor_signature
+from .. import recompute, sync_stats
+from ..batchnorm_act import bn_apply
+from ..common import ValidatedSignatures, device_guard, fp32_vector, nhwc_rows, tensor_signature
 from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 from .kernels import MAX_CHILDREN
 from .launch import _backward_triton, _empty_nhwc, _forward_triton
@@ -63,6 +64,23 @@ def _run_backward(ctx, grad_out, backward):
     return backward(grad_out, out, preact, children, weight, bn_weight, mean, var, eps, residual, batch_stats, impl)
 
 
+def _normalize_again(preact, bn_weight, bn_bias, mean, var, eps, residual_child, impl):
+    """The training forward's normalize pass (launch._forward_triton's bn_apply) on the saved pre-BN output."""
+    out, out_rows = _empty_nhwc(preact, preact.shape[1])
+    bn_apply(nhwc_rows(preact), mean, var, fp32_vector(bn_weight), fp32_vector(bn_bias), eps,
+             residual2d=None if residual_child is None else nhwc_rows(residual_child), relu=True, impl=impl,
+             out=out_rows)
+    return out
+
+
+def _declare_recomputable(out, preact, bn_weight, bn_bias, mean, var, eps, residual, children, impl) -> None:
+    """Inside recompute_activations() (dla_fast.ops.recompute) the output of a node normalized with batch statistics
+    is saved as its recipe: the pre-BN output, the statistics and children[0], which the backward keeps anyway."""
+    if recompute.active() and out.numel() > 0:
+        recompute.recomputable(out, _normalize_again, preact, bn_weight, bn_bias, mean, var, eps,
+                               children[0] if residual else None, impl)
+
+
 class _AggregateFunction(torch.autograd.Function):
     """Eager-mode autograd for the fused node; its kernels update the running statistics (the GEMM kernel counts
     the batch, the statistics merge folds it in)."""
@@ -76,6 +94,7 @@ class _AggregateFunction(torch.autograd.Function):
                 fp32_vector(var), eps, residual, batch_stats, save_preact, impl, running)
         if batch_stats:
             mean, var = batch_mean, batch_var
+            _declare_recomputable(out, preact, bn_weight, bn_bias, mean, var, eps, residual, children, impl)
         _save_for_backward(ctx, children, weight, bn_weight, out, preact, fp32_vector(mean),
                            fp32_vector(var),
                            (eps, residual, batch_stats, batch_stats or save_preact, impl))
@@ -106,6 +125,7 @@ class _SyncAggregateFunction(torch.autograd.Function):
         with device_guard(children[0]):
             out, preact, mean, var = _forward_triton(children, weight, fp32_vector(bn_weight), fp32_vector(bn_bias),
                                                      None, None, eps, residual, True, True, impl, merge_stats=merge)
+        _declare_recomputable(out, preact, bn_weight, bn_bias, mean, var, eps, residual, children, impl)
         _save_for_backward(ctx, children, weight, bn_weight, out, preact, mean, var, (eps, residual, True, True, impl))
         ctx.sync = (group, totals[0])
         return out

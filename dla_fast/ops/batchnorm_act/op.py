@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ... import backend
 from ..common import (ValidatedSignatures, channels_last, empty_channels_last, fp32_vector, rows_view,
                       tensor_signature)
-from .. import sync_stats
+from .. import recompute, sync_stats
 from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
 from .blocks import (_bn_apply_impl, _bn_backward_apply_impl, _bn_backward_reduce_impl, _channel_stats_impl,
                      _check_impl)
@@ -63,10 +63,29 @@ def _forward(x, weight, bias, running_mean, running_var, residual, use_batch_sta
         norm_mean, norm_var = mean, var
     else:
         norm_mean, norm_var = fp32_vector(running_mean), fp32_vector(running_var)
-    residual2d = None if residual is None else rows_view(channels_last(residual))
-    _bn_apply_impl(x2d, norm_mean, norm_var, fp32_vector(weight), fp32_vector(bias), eps, residual2d, relu, impl,
-                   rows_view(out))
+    _normalize(x, norm_mean, norm_var, weight, bias, residual, eps, relu, impl, out)
     return out, mean, var
+
+
+def _normalize(x, mean, var, weight, bias, residual, eps, relu, impl, out=None):
+    """out = [relu](BN(x) [+ residual]) with the given fp32 statistics: the forward's normalize pass, and what the
+    memory-efficient mode recomputes in the backward (dla_fast.ops.recompute). out: channels_last, allocated
+    when None."""
+    if out is None:
+        out = empty_channels_last(x.shape, x.dtype, x.device)
+    residual2d = None if residual is None else rows_view(channels_last(residual))
+    _bn_apply_impl(rows_view(channels_last(x)), mean, var, fp32_vector(weight), fp32_vector(bias), eps, residual2d,
+                   relu, impl, rows_view(out))
+    return out
+
+
+def _declare_recomputable(out, x, weight, bias, mean, var, residual, use_batch_stats, eps, relu, impl) -> None:
+    """Inside recompute_activations(): `out` is saved as its recipe (x and the statistics, which the backward keeps
+    anyway; running statistics are copied, a later training step changes them in place)."""
+    if recompute.active():
+        if not use_batch_stats:
+            mean, var = mean.clone(), var.clone()
+        recompute.recomputable(out, _normalize, x, mean, var, weight, bias, residual, eps, relu, impl)
 
 
 def _backward(grad_out, out, x, weight, mean, var, use_batch_stats, eps, relu, impl, input_grad, residual_grad,
@@ -131,6 +150,8 @@ class _BatchNormActFunction(torch.autograd.Function):
         out, batch_mean, batch_var = _forward(x, weight, bias, running_mean, running_var, residual,
                                               use_batch_stats, eps, relu, impl, running)
         mean, var = (batch_mean, batch_var) if use_batch_stats else (running_mean, running_var)
+        _declare_recomputable(out, x, weight, bias, fp32_vector(mean), fp32_vector(var), residual, use_batch_stats,
+                              eps, relu, impl)
         _save_for_backward(ctx, x, weight, bias, out, mean, var, use_batch_stats, eps, relu, impl)
         return out
 
@@ -156,9 +177,7 @@ def _forward_synchronized(x, weight, bias, residual, eps, relu, impl, running, g
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         sync_stats.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, total)
-    residual2d = None if residual is None else rows_view(channels_last(residual))
-    _bn_apply_impl(x2d, mean, var, fp32_vector(weight), fp32_vector(bias), eps, residual2d, relu, impl,
-                   rows_view(out))
+    _normalize(x, mean, var, weight, bias, residual, eps, relu, impl, out)
     return out, mean, var, total
 
 
@@ -169,6 +188,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, residual, eps, relu, impl, running, group):
         x = channels_last(x)
         out, mean, var, total = _forward_synchronized(x, weight, bias, residual, eps, relu, impl, running, group)
+        _declare_recomputable(out, x, weight, bias, mean, var, residual, True, eps, relu, impl)
         _save_for_backward(ctx, x, weight, bias, out, mean, var, True, eps, relu, impl)
         ctx.sync = (group, total)
         return out

@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ... import backend
-from .. import sync_stats
+from .. import recompute, sync_stats
 from ..batchnorm_act import batchnorm_act, batchnorm_act_reference, bn_apply, bn_backward_apply, bn_backward_reduce
 from ..common import channels_last, check_channel_vectors, empty_channels_last, fp32_vector, rows_view
 from ..running_stats import check_batchnorm_args, update_running_stats, uses_batch_stats
@@ -110,6 +110,13 @@ def _out_shape(x, weight, geometry) -> Tuple[int, int, int, int]:
 # Training / gradient path: deformable conv with statistics -> BN + ReLU, and its backward
 # --------------------------------------------------------------------------------------------------------
 
+def _normalize_again(y, mean, var, bn_weight32, bn_bias32, eps, bn_impl):
+    """relu(BN(y)): the forward's normalize pass once more (memory-efficient mode, dla_fast.ops.recompute)."""
+    out = empty_channels_last(y.shape, y.dtype, y.device)
+    bn_apply(rows_view(y), mean, var, bn_weight32, bn_bias32, eps, relu=True, impl=bn_impl, out=rows_view(out))
+    return out
+
+
 class _DCNBlockFunction(torch.autograd.Function):
     """relu(batch_norm(deform_conv2d(x, split(om), weight, bias))) with exact gradients of x, om, weight, bias and
     the BatchNorm's weight and bias. use_batch_stats: normalize with the batch's statistics (reduced in the
@@ -148,6 +155,9 @@ class _DCNBlockFunction(torch.autograd.Function):
         bn_weight32, bn_bias32 = fp32_vector(bn_weight), fp32_vector(bn_bias)
         out = empty_channels_last(shape, y.dtype, y.device)
         bn_apply(rows_view(y), mean, var, bn_weight32, bn_bias32, eps, relu=True, impl=bn_impl, out=rows_view(out))
+        if recompute.active():  # out is saved (here: the ReLU mask; by the next conv) as its recipe
+            recompute.recomputable(out, _normalize_again, y, mean if use_batch_stats else mean.clone(),
+                                   var if use_batch_stats else var.clone(), bn_weight32, bn_bias32, eps, bn_impl)
         ctx.save_for_backward(x, offset_mask, weight, bn_weight, y, out, mean, var)
         ctx.geometry, ctx.use_batch_stats, ctx.eps, ctx.bn_impl = geometry, use_batch_stats, eps, bn_impl
         ctx.bn_bias_dtype = None if bn_bias is None else bn_bias.dtype
