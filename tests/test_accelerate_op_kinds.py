@@ -6,8 +6,8 @@ backend; here that decision is forced to "fused" while each op itself is replace
 its eager reference (backend 'torch'), in fp64: the test checks which ops a module calls, not the kernels (their
 own tests do that), and the outputs must equal eager PyTorch to fp64 rounding.
 """
-import copy
 import collections
+import copy
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ import torch
 import dla_fast
 import dla_fast.ops.deform_conv
 from dla_fast import backend
-from dla_fast.nn import FusedDCNBlock, FusedIDAUpAdd, FusedRoot, dcn, folded, ida, root
+from dla_fast.nn import FusedIDAUpAdd, FusedRoot, dcn, folded, ida, root
 from dla_fast.nn.folded import FoldedBottleneck, FoldedConvBNStack
 from dla_fast.nn.op_kinds import OP_KINDS
 
