@@ -85,14 +85,23 @@ def _load_corner(x_ptr, rows, valid, Cin, offs_c, mask_c):
 @triton.jit
 def _column_tile(x_ptr, r00, W, v00, v01, v10, v11, ly, lx, modulation, outside, poison, Cin, offs_c, mask_c):
     """Mask-scaled bilinear samples [BLOCK_M, BLOCK_C] in fp32: modulation * (0 if outside, else the sum over
-    corners of weight * value, + poison); 0 in the lanes of channels past the group (an Inf modulation there
-    must not make NaN against the zero weight rows)."""
+    corners of weight * value + poison), as sum * scale + extra with the row vectors scale = (0 if outside
+    else modulation) and extra = (modulation * 0 if outside else poison): the caller gives an outside sample's
+    corners at -2 (none read, sum exactly 0), so it is modulation * 0 (NaN for an Inf or NaN mask, as
+    torchvision's). Lanes of channels past the group are 0 (an Inf modulation there must not make NaN against
+    the zero weight rows)."""
     a = ((1.0 - ly) * (1.0 - lx))[:, None] * _load_corner(x_ptr, r00, v00, Cin, offs_c, mask_c)
     a += ((1.0 - ly) * lx)[:, None] * _load_corner(x_ptr, r00 + 1, v01, Cin, offs_c, mask_c)
     a += (ly * (1.0 - lx))[:, None] * _load_corner(x_ptr, r00 + W, v10, Cin, offs_c, mask_c)
     a += (ly * lx)[:, None] * _load_corner(x_ptr, r00 + W + 1, v11, Cin, offs_c, mask_c)
-    a = tl.where(outside[:, None], 0.0, a + poison[:, None]) * modulation[:, None]
-    return tl.where(mask_c[None, :], a, 0.0)
+    scale = tl.where(outside, 0.0, modulation)
+    extra = tl.where(outside, modulation * 0.0, poison)
+    a = a * scale[:, None]
+    # extra is 0 unless a sample is NaN or a modulation not finite (rare: a uniform branch, which keeps the
+    # common path's registers); then the lanes past the group must be 0, not 0 * Inf
+    if tl.sum(((extra != 0.0) | (modulation * 0.0 != 0.0)).to(tl.int32), axis=0) > 0:
+        a = tl.where(mask_c[None, :], a + extra[:, None], 0.0)
+    return a
 
 
 @triton.jit
@@ -138,7 +147,7 @@ def deform_conv_fwd_kernel(
         y, x, modulation, _, outside, poison = _sampling_point(
             off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w, mask_mode, b, ho, wo, mask_m, group,
             tap, taps, KW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
-        y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
+        y0, x0, ly, lx, v00, v01, v10, v11 = _corners(tl.where(outside, -2.0, y), x, H, W, mask_m)
         r00 = _pixel_row(image_base, y0, x0, W)
         offs_k = c0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < Cg
@@ -287,7 +296,7 @@ def deform_conv_grad_weight_kernel(
         y, x, modulation, _, outside, poison = _sampling_point(
             off_ptr, so_b, so_c, so_h, so_w, mask_ptr, sm_b, sm_c, sm_h, sm_w, mask_mode, b, ho, wo, mask_m, group,
             tap, taps, KW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
-        y0, x0, ly, lx, v00, v01, v10, v11 = _corners(y, x, H, W, mask_m)
+        y0, x0, ly, lx, v00, v01, v10, v11 = _corners(tl.where(outside, -2.0, y), x, H, W, mask_m)
         r00 = _pixel_row(b * H * W, y0, x0, W)
         a = _column_tile(x_ptr, r00, W, v00, v01, v10, v11, ly, lx, modulation, outside, poison, Cin, channels,
                          mask_c)
