@@ -143,7 +143,6 @@ class OpRecord:
     outputs: List[Tuple[int, int]]
     extern: bool
     reductions: int = 0
-    mutated: List[Tuple[int, int]] = dataclasses.field(default_factory=list)  # in-place targets
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,7 +197,7 @@ def aten_kernels(func, args, kwargs, out, phase: str) -> Tuple[List[Kernel], boo
     name = _base_name(func)
     ins, outs = _tensors((args, kwargs)), _tensors(out)
     targets = _in_place_targets(func, args, kwargs)
-    if _is_view(func) or (name.startswith("empty") or name in ("zeros_like",) and not outs):
+    if _is_view(func) or name.startswith("empty"):
         return [], False, 0
 
     def kernel(kind, read, written, flops=0, label=name):
@@ -241,7 +240,8 @@ def aten_kernels(func, args, kwargs, out, phase: str) -> Tuple[List[Kernel], boo
         return [kernel("copy", _nbytes(src), _sum_bytes(outs) if name != "copy_" else _nbytes(args[0]))], False, 0
     if name == "cat":
         return [kernel("copy", _sum_bytes(ins), _sum_bytes(outs))], False, 0
-    if name in ("zero_", "fill_", "zeros", "ones", "full", "scalar_tensor", "arange", "randn", "rand"):
+    if name in ("zero_", "fill_", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros",
+                "new_ones", "new_full", "scalar_tensor", "arange", "randn", "rand"):  # writes only
         return [kernel("pointwise", 0, _sum_bytes(outs or targets))], False, 0
     reductions = 1 if name in _REDUCTIONS else 0
     written = _sum_bytes(targets) if targets else _sum_bytes(outs)
@@ -467,14 +467,13 @@ class _Recorder(TorchDispatchMode):
         ins = _distinct(_tensors((args, kwargs)))
         self.records.append(OpRecord(_base_name(func), self.phase, kernels,
                                      [(_storage_key(t), _nbytes(t)) for t in ins],
-                                     [(_storage_key(t), _nbytes(t)) for t in outs], extern, reductions,
-                                     [(_storage_key(t), _nbytes(t)) for t in targets]))
+                                     [(_storage_key(t), _nbytes(t)) for t in outs], extern, reductions))
 
     def launch(self, name: str, params: Sequence[str], args: tuple, kwargs: dict):
         if not self.active:
             return
         kernel, read, written = triton_kernel(name, params, args, kwargs, self.phase)
-        self.records.append(OpRecord(name, self.phase, [kernel], read, written, True, 0, written))
+        self.records.append(OpRecord(name, self.phase, [kernel], read, written, True))
 
 
 def _cudnn_layout(out, inputs):
