@@ -170,7 +170,7 @@ def test_memory_efficient_mode_is_reversible_and_idle_without_gradients():
     model = dla_fast.create_model("dla34", num_classes=10)
     dla_fast.accelerate(model, memory_efficient=True)
     seen = []
-    model.level0.register_forward_pre_hook(lambda m, a: seen.append(recompute.active()))
+    model.level0[0].register_forward_pre_hook(lambda m, a: seen.append(recompute.active()))  # kept by restore()
     with dla_fast.use_backend("torch"):
         model(torch.randn(2, 3, 32, 32))
         with torch.no_grad():
