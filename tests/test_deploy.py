@@ -18,7 +18,7 @@ import torch
 
 import dla_fast
 
-from helpers import assert_close, randomize_bn
+from helpers import assert_close, randomize_bn, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5  # fp32 relative error against eager
@@ -143,9 +143,13 @@ def test_legacy_onnx_exporter_and_jit_trace_of_an_accelerated_model(train, tmp_p
     x = torch.randn(2, 3, 64, 64)
     with dla_fast.use_backend("triton"):
         traced = torch.jit.trace(model, (x,), check_trace=False)
-    eager = copy.deepcopy(plain)
+    traced.load_state_dict(plain.state_dict())  # the tracing run counted a batch in train mode
+    eager, fp64 = copy.deepcopy(plain), copy.deepcopy(plain).double()
     with torch.no_grad():
-        assert_close(traced(x), eager(x), TOL, "torch.jit.trace output")
+        out, ref, exact = traced(x), eager(x), fp64(x.double())
+    # A whole BatchNorm network in fp32 is itself ~1e-5 from fp64 on small inputs (tests/helpers, GUIDE): the
+    # traced module must be as close to the fp64 model as eager fp32 is (2x), and within 1e-5 when eager is.
+    assert rel_err(out, exact) <= max(2 * rel_err(ref, exact), TOL), (rel_err(out, exact), rel_err(ref, exact))
     if train:
         mean = [b for n, b in traced.named_buffers() if n.endswith("running_mean")]
         ref = [b for n, b in eager.named_buffers() if n.endswith("running_mean")]
@@ -164,9 +168,10 @@ def test_legacy_onnx_exporter_and_jit_trace_of_an_accelerated_model(train, tmp_p
 # ----------------------------------------------------------------------------------------------------------
 # torch.export: save, load in a fresh process, run
 # ----------------------------------------------------------------------------------------------------------
-def _export_round_trip(tmp_path, programs, import_dla_fast=True):
-    """Save each (tag, ExportedProgram, inputs) to tmp_path, load and run every one in one fresh process;
-    return {tag: (outputs, buffers after the call)}."""
+def _export_round_trip(tmp_path, programs, import_dla_fast=True, import_torchvision=False):
+    """Save each (tag, ExportedProgram, inputs) to tmp_path, load and run every one in one fresh process
+    (importing torchvision first where a program calls torchvision::deform_conv2d); return
+    {tag: (outputs, buffers after the call)}."""
     for tag, program, inputs in programs:
         torch.export.save(program, str(tmp_path / f"{tag}.pt2"))
         torch.save(inputs, str(tmp_path / f"{tag}.inputs"))
@@ -174,6 +179,7 @@ def _export_round_trip(tmp_path, programs, import_dla_fast=True):
     _run_fresh(f"""
         import torch
         {"import dla_fast  # registers the dla_fast ops the programs call" if import_dla_fast else ""}
+        {"import torchvision  # registers torchvision::deform_conv2d" if import_torchvision else ""}
         for tag in {tags!r}:
             program = torch.export.load("{tmp_path}/" + tag + ".pt2")
             module = program.module()
@@ -208,7 +214,8 @@ def test_torch_export_train_and_eval_save_load_in_a_fresh_process(case, tmp_path
             inputs = _inputs(name, batch=2)
             programs.append((tag, torch.export.export(copy.deepcopy(model), inputs), inputs))
             eager[tag] = (model(*inputs), model)
-    loaded = _export_round_trip(tmp_path, programs)
+    loaded = _export_round_trip(tmp_path, programs,
+                                import_torchvision=kwargs.get("dcn", name.startswith("centertrack")))
     for tag, (out, model) in eager.items():
         _assert_program_equals_eager(loaded[tag], out, model, f"{tag} program")
 
