@@ -38,7 +38,7 @@ def fwd_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[i
         return TILE_OVERRIDES["fwd"]
     if dtype == torch.float32:  # fp32 operands take twice the registers (IEEE dots: FMA tiles)
         return 128, 64, 16
-    return (128, 64, 32) if cout <= 64 else (64, 128, 16)
+    return (128, 64, 16) if cout <= 64 else (64, 128, 16)
 
 
 def grad_sample_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) -> Tuple[int, int, int]:
@@ -56,16 +56,17 @@ def grad_weight_tiles(channels_per_group: int, cout: int, dtype: torch.dtype) ->
     block_co = 64 if cout <= 64 else 128
     if dtype == torch.float32:
         return 32, block_co, 16
-    return 64 if channels_per_group > 32 and block_co == 64 else 32, block_co, 64
+    return 32, block_co, 64
 
 
 def launch_options(kernel: str, tiles: Tuple[int, int, int], dtype: torch.dtype) -> dict:
     """num_warps / num_stages of a kernel's tile choice (ignored by the interpreter): ones that compile for sm_90
     without register spills under Triton 3.6 and 3.8 (tests/test_aot_sm90.py; benchmarks/NOTES.md). The fp32
-    forward is not pipelined: with num_stages=2 Triton 3.6 spills 536-1064 B per thread in it, at any tile."""
+    forward and input-gradient kernels are not pipelined: with num_stages=2 Triton 3.6 spills 536-1064 B per thread
+    in the forward at any tile, and 8 B in the input gradient with IEEE dots (since its non-finite sampling rule)."""
+    if dtype == torch.float32 and kernel in ("fwd", "grad_sample"):
+        return dict(num_warps=4 if kernel == "fwd" else 8, num_stages=1)
     if kernel == "fwd":
-        if dtype == torch.float32:
-            return dict(num_warps=4, num_stages=1)
         return dict(num_warps=8 if tiles[1] == 128 else 4, num_stages=2)
     return dict(num_warps=8, num_stages=2)
 
