@@ -12,9 +12,10 @@ import pytest  # noqa: E402
 # Test files that build and run whole networks (minutes each on 2 CPU cores, mostly Triton's interpreter) and the
 # AOT compile run after the op-level files, and `slow`-marked tests last of all: pytest's progress starts with
 # the quick tests instead of sitting on one dot for minutes (a grouping by kind of test, not a measured order).
-MODEL_LEVEL_FILES = ("test_accelerate.py", "test_aot_sm90.py", "test_centernet.py", "test_centertrack.py",
-                     "test_compile.py", "test_cuda_graph_training.py", "test_dla_up.py", "test_folded.py",
-                     "test_reliability_models.py", "test_sync_batchnorm.py")
+MODEL_LEVEL_FILES = ("test_accelerate.py", "test_accelerate_op_kinds.py", "test_aot_sm90.py", "test_centernet.py",
+                     "test_centertrack.py", "test_compile.py", "test_cuda_graph_training.py", "test_deploy.py",
+                     "test_dla_up.py", "test_folded.py", "test_memory_efficient.py", "test_reliability_models.py",
+                     "test_sync_batchnorm.py", "test_timm_api.py")
 
 
 def _run_order(item) -> int:
