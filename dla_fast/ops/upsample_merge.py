@@ -69,9 +69,10 @@ def fwd_block_m(block_c: int) -> int:
 
 
 def bwd_block_c(c: int, factor: int) -> int:
-    """BLOCK_C of upsample_merge_bwd_kernel: up to 32 channels; 16 at factor >= 16, where its (2f)^2 tap loop
-    spills at 32 on sm_90 (fp32 under Triton 3.8: tap sums; fp16/bf16 under Triton 3.6: 8 B of stack)."""
-    return min(16 if factor >= 16 else 32, next_power_of_2(c))
+    """BLOCK_C of upsample_merge_bwd_kernel: 16 channels at every factor and channel count. Its (2f)^2 tap loop
+    spills 8 B of stack on sm_90 with 32 channels at every factor (Triton 3.8: fp32; 3.6: fp16/bf16) and with 1 or
+    2 channels at factors 8 / 16 (benchmarks/NOTES.md); the masked lanes of fewer channels cost no memory traffic."""
+    return 16
 
 
 def upsample_merge_reference(low: torch.Tensor, weight: torch.Tensor, high: torch.Tensor, factor: int,
