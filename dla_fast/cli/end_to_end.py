@@ -143,7 +143,7 @@ class PeersPipeline:
             if self.kind == "fairmot":
                 id_feature = torch.nn.functional.normalize(output["id"], dim=1)
                 dets, inds = ref.mot_decode(hm, output["wh"], output["reg"], ltrb=True, K=self.K)
-                id_feature = ref._transpose_and_gather_feat(id_feature, inds).cpu().numpy()
+                id_feature = ref.gather_at(id_feature, inds).cpu().numpy()
             else:
                 dets = ref.ctdet_decode(hm, output["wh"], output["reg"], K=self.K)
             dets = dets.detach().cpu().numpy()
