@@ -1,6 +1,6 @@
 """dla_fast.detection decoding against faithful re-implementations of CenterNet's ctdet_decode +
 ctdet_post_process, FairMOT's mot_decode (+ its re-ID gather) and CenterTrack's generic_decode
-(tests/detection_reference.py), on random and adversarial heatmaps, backends 'torch' and 'triton'
+(dla_fast/detection/reference.py), on random and adversarial heatmaps, backends 'torch' and 'triton'
 (the interpreter on CPU)."""
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""dla_fast.detection.preprocess against the peers' OpenCV + numpy pre-processing (tests/detection_reference.py):
+"""dla_fast.detection.preprocess against the peers' OpenCV + numpy pre-processing (dla_fast/detection/reference.py):
 CenterNet's warpAffine + normalize and FairMOT's letterbox, within the stated bound (one uint8 level, and at
 least 95% of values exact), for a batch tensor and a list of differently sized images, backends 'torch' and
 'triton' (the interpreter on CPU)."""
