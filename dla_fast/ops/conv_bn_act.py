@@ -179,6 +179,12 @@ def _conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, resi
                        memory_format=output_memory_format(x, weight))
 
 
+def _exporting() -> bool:
+    """Whether torch.export traces (not torch.compile): the module flag torch.export sets, read directly —
+    torch.compiler.is_exporting() answers True under torch.compile too on torch 2.11 (dynamo folds it)."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: Sequence[int] = (1, 1),
                   padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
                   residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
@@ -197,7 +203,7 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
         x = x.to(weight.dtype)
     if residual is not None and residual.dtype != weight.dtype:
         residual = residual.to(weight.dtype)
-    if torch.compiler.is_compiling() and (x.is_cuda or not torch.compiler.is_exporting()):
+    if torch.compiler.is_compiling() and (x.is_cuda or not _exporting()):
         return conv_bias_act_op(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     return _conv_bias_act_impl(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
