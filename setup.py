@@ -147,11 +147,11 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dla_fast", "dla_fast.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # triton only where PyPI ships it (Linux x86_64 / aarch64); elsewhere dla_fast runs its eager paths and
     # `python -m dla_fast info` says what is missing. torchvision (the deformable conv of CenterNet / CenterTrack
     # with dcn=True) is an extra, so that pip never swaps the installed torch for the one torchvision pins.
-    install_requires=["torch>=2.4", TRITON_REQUIREMENT, "numpy", "tqdm"],
+    install_requires=["torch>=2.11", TRITON_REQUIREMENT, "numpy", "tqdm"],
     extras_require={
         "dcn": ["torchvision"],
         "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime",

@@ -43,6 +43,12 @@ def _tap(src_ptr, base, ix, iy, channel, width, height, mask):
 
 
 @triton.jit
+def load_affine(ptr):
+    """The six coefficients of a 2x3 affine matrix stored row by row at ptr: (m0, m1, m2, m3, m4, m5)."""
+    return tl.load(ptr), tl.load(ptr + 1), tl.load(ptr + 2), tl.load(ptr + 3), tl.load(ptr + 4), tl.load(ptr + 5)
+
+
+@triton.jit
 def warp_affine_normalize_kernel(src_ptr, image_ptr, matrix_ptr, lut_ptr, out_ptr, out_h, out_w,
                                  BLOCK: tl.constexpr):
     """src: all images' uint8 HWC pixels, flat; image (B, 3) int64: offset, height, width; matrix (B, 6)
@@ -53,12 +59,7 @@ def warp_affine_normalize_kernel(src_ptr, image_ptr, matrix_ptr, lut_ptr, out_pt
     base = tl.load(image_ptr + b * 3)
     height = tl.load(image_ptr + b * 3 + 1).to(tl.int32)
     width = tl.load(image_ptr + b * 3 + 2).to(tl.int32)
-    m0 = tl.load(matrix_ptr + b * 6 + 0)
-    m1 = tl.load(matrix_ptr + b * 6 + 1)
-    m2 = tl.load(matrix_ptr + b * 6 + 2)
-    m3 = tl.load(matrix_ptr + b * 6 + 3)
-    m4 = tl.load(matrix_ptr + b * 6 + 4)
-    m5 = tl.load(matrix_ptr + b * 6 + 5)
+    m0, m1, m2, m3, m4, m5 = load_affine(matrix_ptr + b * 6)
     plane = out_h * out_w
     p = pid * BLOCK + tl.arange(0, BLOCK)
     mask = p < plane
@@ -226,12 +227,7 @@ def assemble_detections_kernel(score_ptr, order_ptr, class_index_ptr, wh_ptr, re
     tl.store(det + 5, cls.to(tl.float32), mask=mask)
     tl.store(ind_ptr + row, ind, mask=mask)
     if TO_IMAGE:
-        t0 = tl.load(to_image_ptr + b * 6 + 0)
-        t1 = tl.load(to_image_ptr + b * 6 + 1)
-        t2 = tl.load(to_image_ptr + b * 6 + 2)
-        t3 = tl.load(to_image_ptr + b * 6 + 3)
-        t4 = tl.load(to_image_ptr + b * 6 + 4)
-        t5 = tl.load(to_image_ptr + b * 6 + 5)
+        t0, t1, t2, t3, t4, t5 = load_affine(to_image_ptr + b * 6)
         box = image_box_ptr + row * 4
         tl.store(box, (t0 * x1.to(tl.float64) + t1 * y1.to(tl.float64) + t2).to(tl.float32), mask=mask)
         tl.store(box + 1, (t3 * x1.to(tl.float64) + t4 * y1.to(tl.float64) + t5).to(tl.float32), mask=mask)
