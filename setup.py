@@ -154,7 +154,7 @@ setup(
     install_requires=["torch>=2.11", TRITON_REQUIREMENT, "numpy", "tqdm"],
     extras_require={
         "dcn": ["torchvision"],
-        "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime",
+        "test": ["pytest", "pytest-xdist", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime",
                  "opencv-python-headless"],
         "build": ["ninja", "pybind11"],
         "bench": ["matplotlib"],

@@ -52,7 +52,8 @@ class Neck(nn.Module):
         return self.ida_up(pyramid[:LAST_LEVEL - self.first_level])[-1]
 
 
-def make_step(provider: str, net_name: str, batch: int, dtype: torch.dtype, mode: str, device, scale: int = 1):
+def make_step(provider: str, net_name: str, batch: int, dtype: torch.dtype, mode: str, device, scale: int = 1,
+              warmup: int = 3):
     model_name, kwargs, (height, width) = NETS[net_name]
     height, width = height // scale, width // scale
     torch.manual_seed(0)
@@ -76,7 +77,7 @@ def make_step(provider: str, net_name: str, batch: int, dtype: torch.dtype, mode
         with torch.autocast(**autocast):
             return module(levels)
 
-    step = timed_step(forward, training, [*levels, *neck.parameters()])
+    step = timed_step(forward, training, [*levels, *neck.parameters()], warmup=max(warmup, 1))
     step.shapes = [list(t.shape) for t in levels]
     return step
 
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
                         help="kernels of the dla_fast provider (auto: the fused ones on a GPU, eager on the CPU)")
     parser.add_argument("--scale", type=int, default=1, help="divide the image sides (a CPU smoke run: --scale 8)")
     parser.add_argument("--cpu-iters", type=int, default=20, help="timed calls per case on the CPU (a smoke run: 3)")
+    parser.add_argument("--cpu-warmup", type=int, default=3,
+                        help="untimed calls per case on the CPU before the timed ones (a smoke run: 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = default_device()
@@ -100,10 +103,11 @@ def main(argv=None) -> int:
     records = []
     for net, batch, dt, mode, provider in tqdm(grid, desc="ida", unit="case"):
         with dla_fast.use_backend(args.backend):
-            step = make_step(provider, net, batch, DTYPES[dt], mode, device, args.scale)
+            step = make_step(provider, net, batch, DTYPES[dt], mode, device, args.scale, args.cpu_warmup)
             record = bench_op("ida_up_path", provider, mode, dt, dict(net=net, levels=step.shapes), step, device,
                               baseline=provider in BASELINES, grad_to_none=step.params if mode == "training" else None,
-                              extra=dict(net=net, batch=batch), cpu_iters=args.cpu_iters)
+                              extra=dict(net=net, batch=batch), cpu_iters=args.cpu_iters,
+                              cpu_warmup=args.cpu_warmup)
         records.append(record)
         tqdm.write(f"{net:14s} b{batch:<3d} {dt} {mode:9s} {provider:9s} {record.ms_p50:8.3f} ms")
     save_records(records, args.out, device, "ida.json")

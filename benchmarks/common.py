@@ -142,9 +142,10 @@ def time_op(fn: Callable[[], object], device: torch.device, cuda_graph: bool = F
 def bench_op(op: str, provider: str, mode: str, dtype: str, shape: Any, fn: Callable[[], object],
              device: torch.device, *, min_bytes: Optional[int] = None, min_flops: Optional[int] = None,
              baseline: bool = False, cuda_graph: bool = False, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
-             extra: Optional[Dict[str, Any]] = None, cpu_iters: int = 20) -> BenchRecord:
+             extra: Optional[Dict[str, Any]] = None, cpu_iters: int = 20, cpu_warmup: int = 3) -> BenchRecord:
     """Time `fn` with `time_op` and return its record (GB/s and TFLOP/s from `min_bytes` / `min_flops`);
-    cpu_iters: timed calls on the CPU."""
-    timing = time_op(fn, device, cuda_graph=cuda_graph, grad_to_none=grad_to_none, cpu_iters=cpu_iters)
+    cpu_iters / cpu_warmup: timed / untimed calls on the CPU."""
+    timing = time_op(fn, device, cuda_graph=cuda_graph, grad_to_none=grad_to_none, cpu_warmup=cpu_warmup,
+                     cpu_iters=cpu_iters)
     return make_record(op, provider, mode, dtype, shape, timing, device, min_bytes=min_bytes, min_flops=min_flops,
                        baseline=baseline, extra=extra)

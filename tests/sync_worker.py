@@ -610,7 +610,7 @@ def main(argv):
     torch.set_num_threads(1)
     _count_launches()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=600))
     try:
         for name in names:
             start, cpu = time.perf_counter(), time.process_time()

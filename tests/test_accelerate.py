@@ -220,13 +220,21 @@ WITH_EXTENSION = pytest.mark.skipif(not EXTENSION_BUILT, reason=f"the extension 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name, source, roots, kernels, fused_blocks", [
     ("dla34", "timm", 6, "triton", False),          # plain roots
-    ("dla102", "timm", 14, "triton", False),        # residual roots
-    ("dla169", "dla_fast", 23, "triton", True),     # roots with up to 7 children; blocks train fused
+    pytest.param("dla102", "timm", 14, "triton", False, marks=pytest.mark.slow),  # residual roots (and below)
+    # DLA-169's layout (roots with up to 7 children, residual roots, Bottleneck blocks) at a quarter of its widths
+    # (its full widths: 7 minutes in the interpreter); the blocks train fused
+    ("dla169", "narrow", 23, "triton", True),
     pytest.param("dla34", "timm", 6, "cuda", False, marks=WITH_EXTENSION, id="dla34-extension"),  # BN steps in _C
 ])
 def test_accelerated_backbone_equals_original(name, source, roots, kernels, fused_blocks, monkeypatch):
-    ref = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
-    if source == "timm":
+    if source == "narrow":
+        from dla_fast.models.dla import DLA, VARIANTS
+
+        levels, channels, block, kwargs = VARIANTS[name]
+        ref = randomize_bn(DLA(levels, [c // 4 for c in channels], block, num_classes=10, **kwargs))
+    else:
+        ref = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
+    if source in ("timm", "narrow"):
         fused = copy.deepcopy(ref)
     else:
         fused = dla_fast.create_model(name, num_classes=10)
@@ -240,8 +248,9 @@ def test_accelerated_backbone_equals_original(name, source, roots, kernels, fuse
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name, kwargs, fused_ida", [
-    ("dla34up", dict(num_classes=5), 4),
-    ("centernet_dla34", dict(dcn=False, heads={"hm": 3, "wh": 2}, head_conv=16), 4),
+    pytest.param("dla34up", dict(num_classes=5), 4, marks=pytest.mark.slow),
+    pytest.param("centernet_dla34", dict(dcn=False, heads={"hm": 3, "wh": 2}, head_conv=16), 4,
+                 marks=pytest.mark.slow),
 ])
 def test_accelerated_up_path_equals_original(name, kwargs, fused_ida, monkeypatch):
     """DLA-Up (concat merge) and CenterNet (add merge, plain convs): the IDA steps run fused. CenterNet with
@@ -369,8 +378,10 @@ def _representative_calls(calls):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name, replaced, whole_model", [
     ("dla34", (FoldedBasicBlock, FoldedConvBNStack), True),
-    ("dla60", (FoldedBottleneck, FoldedConvBNStack), False),    # Bottleneck (timm's DlaBottleneck)
-    ("dla102x", (FoldedBottleneck, FoldedConvBNStack), False),  # BottleneckX: grouped 3x3 (cardinality 32)
+    pytest.param("dla60", (FoldedBottleneck, FoldedConvBNStack), False,  # Bottleneck (timm's DlaBottleneck)
+                 marks=pytest.mark.slow),
+    pytest.param("dla102x", (FoldedBottleneck, FoldedConvBNStack), False,  # BottleneckX: grouped 3x3
+                 marks=pytest.mark.slow),
 ])
 def test_accelerated_blocks_train_like_the_originals(name, replaced, whole_model, monkeypatch):
     """Every residual block and conv-BN-ReLU stack accelerate() replaced, with backend triton, runs its convs plus

@@ -79,7 +79,8 @@ def test_bench_ida_smoke(tmp_path):
     """The up-path benchmark on a DLA-Up neck at 1/16 of the image side: eager and accelerated (Triton kernels,
     interpreted), both modes."""
     records = run_script("bench_ida", ["--nets", "dlaup", "--batches", "1", "--dtypes", "fp32", "--scale", "16",
-                                       "--providers", "eager,dla_fast", "--backend", "triton", "--cpu-iters", "3"],
+                                       "--providers", "eager,dla_fast", "--backend", "triton", "--cpu-iters", "1",
+                                       "--cpu-warmup", "1"],
                          tmp_path / "ida.json")
     assert sorted((r.provider, r.mode) for r in records) == sorted(
         (p, m) for p in ("eager", "dla_fast") for m in ("inference", "training"))

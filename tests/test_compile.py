@@ -33,16 +33,16 @@ WIDE_DCN_TILES = dict(fwd=(128, 256, 128), grad_sample=(128, 128, 256), grad_wei
 CASES = [
     ("dla34", {}, "eval", "triton", _EVAL_OPS),
     ("dla34", {}, "train", "triton", _TRAIN_OPS),
-    ("dla102x", {}, "eval", "triton", _EVAL_OPS),
-    ("dla102x", {}, "train", "auto", set()),
+    pytest.param(("dla102x", {}, "eval", "triton", _EVAL_OPS), marks=pytest.mark.slow),
+    pytest.param(("dla102x", {}, "train", "auto", set()), marks=pytest.mark.slow),
     ("dla34up", {}, "eval", "triton", _EVAL_OPS | {"dla_fast.upsample_merge_fwd"}),
-    ("dla34up", {}, "train", "auto", set()),
+    pytest.param(("dla34up", {}, "train", "auto", set()), marks=pytest.mark.slow),
     ("centernet_dla34", {"dcn": False}, "eval", "triton", _EVAL_OPS | {"dla_fast.upsample_merge_fwd"}),
     ("centernet_dla34", {"dcn": False}, "train", "triton",
      _TRAIN_OPS | {"dla_fast.upsample_merge_fwd", "dla_fast.batchnorm_act_forward"}),
     ("centernet_dla34", {"dcn": True}, "eval", "triton", {"dla_fast.aggregate_fwd", "dla_fast.upsample_merge_fwd",
                                                           "dla_fast.deform_conv2d_fwd"}),
-    ("centernet_dla34", {"dcn": True}, "train", "auto", set()),
+    pytest.param(("centernet_dla34", {"dcn": True}, "train", "auto", set()), marks=pytest.mark.slow),
 ]
 
 

@@ -28,7 +28,7 @@ import sync_worker as worker
 from helpers import assert_close, rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_TIMEOUT_S = 600
+WORKER_TIMEOUT_S = 1200  # the CI machine runs two stacks, two pytest workers each, on 2 cores
 
 
 def _free_port() -> int:
