@@ -335,3 +335,40 @@ def test_torchscript_of_a_plain_backbone_equals_eager(name, kwargs, tmp_path):
     assert len(out) == len(ref)
     for i, (a, b) in enumerate(zip(out, ref)):
         assert_close(a, b, TOL, f"scripted output {i}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TorchScript of DLA-Up, CenterNet and CenterTrack (dla_fast.models.scripting)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MODELS[1:], ids=_id)
+def test_torchscript_of_up_path_models_equals_eager(case, tmp_path):
+    """torch.jit.script of DLA-Up, CenterNet (deformable and plain IDA convs) and CenterTrack, saved and
+    loaded back: the eager model's outputs exactly (the scripted form runs the same submodules in the same
+    order); the eager model keeps its modules and state_dict keys."""
+    name, kwargs = case
+    model = _model(name, kwargs, accelerated=False)
+    keys, kinds = list(model.state_dict()), [type(m) for m in model.modules()]
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "model.pt"))
+    assert list(model.state_dict()) == keys and [type(m) for m in model.modules()] == kinds
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    inputs = _inputs(name)
+    with torch.no_grad():
+        ref, out = _leaves(model(*inputs)), _leaves(loaded(*inputs))
+    assert len(out) == len(ref) > 0
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert torch.equal(a, b), f"scripted output {i}: {rel_err(a, b):.3g} off eager"
+    if name.startswith("centernet"):
+        assert list(loaded(*inputs)[0]) == list(kwargs["heads"]), "the heads in their order"
+
+
+@pytest.mark.slow
+def test_scripted_centertrack_refuses_a_previous_frame_input_it_has_no_branch_for():
+    model = dla_fast.create_model("centertrack_dla34", heads={"hm": 3, "wh": 2}, head_conv=0, dcn=False,
+                                  pre_hm=False).eval()
+    scripted = torch.jit.script(model)
+    img, pre_img, pre_hm = _inputs("centertrack_dla34")
+    with torch.no_grad():
+        assert torch.equal(scripted(img, pre_img)[0]["hm"], model(img, pre_img)[0]["hm"])
+        with pytest.raises(Exception, match="pre_hm was given, but this model was built without its branch"):
+            scripted(img, pre_img, pre_hm)

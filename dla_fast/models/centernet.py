@@ -71,6 +71,9 @@ class ModulatedDeformConv3x3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset_mask = self.conv_offset_mask(x)
         offset, mask = offset_mask[:, :18], torch.sigmoid(offset_mask[:, 18:])
+        if torch.jit.is_scripting():  # the op torchvision.ops.deform_conv2d calls, with the same arguments
+            return torch.ops.torchvision.deform_conv2d(x, self.weight, offset, mask, self.bias, 1, 1, 1, 1, 1, 1, 1,
+                                                       1, True)
         return self._deform_conv2d(x, offset, self.weight, self.bias, padding=(1, 1), mask=mask)
 
 
@@ -256,6 +259,13 @@ class CenterNet(nn.Module):
     def build_backbone(self, variant: str, in_chans: int) -> nn.Module:
         """The backbone `base`, returning the outputs of levels 0..5 (CenterTrack's subclass adds branches)."""
         return build_dla(variant, features_only=True, out_indices=tuple(range(6)), in_chans=in_chans)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles dla_fast.models.scripting's form of this model (the same submodules, the
+        heads in a ModuleDict)."""
+        from .scripting import scriptable
+
+        return scriptable(self)
 
     def forward(self, x: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
         return self.forward_from_levels(self.base(x))

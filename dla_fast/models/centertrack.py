@@ -94,13 +94,20 @@ class CenterTrackDLA(DLA):
     def forward_levels(self, x: torch.Tensor, pre_img: Optional[torch.Tensor] = None,
                        pre_hm: Optional[torch.Tensor] = None, stop: int = 5) -> List[torch.Tensor]:
         """Outputs of levels 0..stop (strides 1, 2, 4, 8, 16, 32)."""
-        self.check_input(x)
-        self.check_previous_frame(x, pre_img, pre_hm)
+        if not torch.jit.is_scripting():  # TorchScript compiles the branches, not the Python-typed checks
+            self.check_input(x)
+            self.check_previous_frame(x, pre_img, pre_hm)
         x = self.base_layer(x)
         if pre_img is not None:
-            x = x + self.pre_img_layer(pre_img)
+            if hasattr(self, "pre_img_layer"):  # TorchScript: a static check, the other branch is not compiled
+                x = x + self.pre_img_layer(pre_img)
+            else:  # what check_previous_frame says, for TorchScript
+                raise ValueError("pre_img was given, but this model was built without its branch (pre_img=False)")
         if pre_hm is not None:
-            x = x + self.pre_hm_layer(pre_hm)
+            if hasattr(self, "pre_hm_layer"):
+                x = x + self.pre_hm_layer(pre_hm)
+            else:
+                raise ValueError("pre_hm was given, but this model was built without its branch (pre_hm=False)")
         return self.forward_levels_from_stem(x, stop)
 
     def forward(self, x: torch.Tensor, pre_img: Optional[torch.Tensor] = None, pre_hm: Optional[torch.Tensor] = None):

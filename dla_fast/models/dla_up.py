@@ -169,6 +169,12 @@ class DLASeg(nn.Module):
         nn.init.normal_(self.fc[0].weight, 0.0, math.sqrt(2.0 / num_classes))
         self.up = bilinear_upsample(num_classes, down_ratio, trainable=False)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles dla_fast.models.scripting's form of this model (the same submodules)."""
+        from .scripting import scriptable
+
+        return scriptable(self)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         levels = self.base(x)
         logits = self.fc(self.dla_up(levels[self.first_level:]))
