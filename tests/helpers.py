@@ -102,3 +102,9 @@ def assert_same_non_finite(out: torch.Tensor, ref: torch.Tensor, tol: float, wha
     finite = torch.isfinite(ref)
     if finite.any():
         assert_close(out[finite], ref[finite], tol, what)
+
+
+# Deformable-conv tiles for the interpreter: its cost is per K-chunk loop step, so wide tiles make a whole DCN
+# model affordable on CPU (set through dla_fast.ops.deform_conv.launch.TILE_OVERRIDES; the kernels' defaults are
+# what the GPU runs and what the op-level tests check)
+WIDE_DCN_TILES = dict(fwd=(128, 256, 128), grad_sample=(128, 128, 256), grad_weight=(128, 256, 128))

@@ -223,7 +223,7 @@ WITH_EXTENSION = pytest.mark.skipif(not EXTENSION_BUILT, reason=f"the extension 
     pytest.param("dla102", "timm", 14, "triton", False, marks=pytest.mark.slow),  # residual roots (and below)
     # DLA-169's layout (roots with up to 7 children, residual roots, Bottleneck blocks) at a quarter of its widths
     # (its full widths: 7 minutes in the interpreter); the blocks train fused
-    ("dla169", "narrow", 23, "triton", True),
+    pytest.param("dla169", "narrow", 23, "triton", True, marks=pytest.mark.slow),
     pytest.param("dla34", "timm", 6, "cuda", False, marks=WITH_EXTENSION, id="dla34-extension"),  # BN steps in _C
 ])
 def test_accelerated_backbone_equals_original(name, source, roots, kernels, fused_blocks, monkeypatch):

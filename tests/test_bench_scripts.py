@@ -75,6 +75,7 @@ def test_bench_batchnorm_act_smoke(tmp_path):
     assert by_mode["inference"] == by_mode["training_forward"] < by_mode["training"]
 
 
+@pytest.mark.slow
 def test_bench_ida_smoke(tmp_path):
     """The up-path benchmark on a DLA-Up neck at 1/16 of the image side: eager and accelerated (Triton kernels,
     interpreted), both modes."""
