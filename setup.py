@@ -154,8 +154,8 @@ setup(
     install_requires=["torch>=2.11", TRITON_REQUIREMENT, "numpy", "tqdm"],
     extras_require={
         "dcn": ["torchvision"],
-        "test": ["pytest", "pytest-xdist", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript", "onnxruntime",
-                 "opencv-python-headless"],
+        "test": ["pytest", "pytest-xdist", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxscript",
+                 "onnxruntime", "opencv-python-headless"],
         "build": ["ninja", "pybind11"],
         "bench": ["matplotlib"],
     },
