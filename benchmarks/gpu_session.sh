@@ -16,7 +16,7 @@
 #   build      pip install --no-build-isolation --no-deps -e . (the CUDA extension for TORCH_CUDA_ARCH_LIST=9.0)
 #   test       every `cuda`-marked test (pytest -m cuda), the never-run files first; failures listed, not fatal
 #   training   DLA-34 224² batch 256 bf16 training step: eager, dla_fast per training path (backend auto, triton,
-#              cuda), torch.compile
+#              cuda; the implicit-GEMM convs: provider dla_fast_conv_gemm), torch.compile
 #   centernet  CenterNet-DLA-34 with deformable convs, 512² batch 16: inference (eager, dla_fast, CUDA graphs)
 #              and training (eager, dla_fast per training path)
 #   deform     the deformable conv op and CenterNet's DCN block against torchvision (bench_deform_conv.py, bf16 b16)
@@ -134,6 +134,7 @@ stage_body() {  # the commands of one stage (run under `timeout` by run_stage)
     training)
       bench auto --model dla34 --batch 256 --train --providers eager,dla_fast
       fused_paths fused --model dla34 --batch 256 --train
+      [ "$MODE" = quick ] || bench conv_gemm --model dla34 --batch 256 --train --providers dla_fast_conv_gemm
       [ "$MODE" = quick ] || bench compile --model dla34 --batch 256 --train --providers compile
       [ -z "${FAILED:-}" ] ;;
     centernet)

@@ -1,4 +1,4 @@
-"""Saved-activation bytes of one training forward: eager vs accelerate() vs accelerate(memory_efficient=True).
+"""Saved-activation bytes of one training forward: eager vs accelerate() [memory_efficient=True] [conv="triton"].
 
     TRITON_INTERPRET=1 python benchmarks/saved_memory.py --model dla34 --size 224 --batch 2
     TRITON_INTERPRET=1 python benchmarks/saved_memory.py --model centernet_dla34 --size 512 --batch 1 --skip-kernels
@@ -25,7 +25,10 @@ import torch  # noqa: E402
 import dla_fast  # noqa: E402
 from dla_fast.cli.memory import saved_activation_bytes  # noqa: E402
 
-MODES = ("eager", "accelerate", "accelerate(memory_efficient=True)")
+# mode -> accelerate()'s keyword arguments (None: the eager model)
+MODES = {"eager": None, "accelerate": {}, "accelerate(memory_efficient=True)": dict(memory_efficient=True),
+         "accelerate(conv='triton')": dict(conv="triton"),
+         "accelerate(memory_efficient=True, conv='triton')": dict(memory_efficient=True, conv="triton")}
 
 
 def _model_kwargs(name: str) -> dict:
@@ -54,10 +57,10 @@ def measure(name: str, size: int, batch: int, skip_kernels: bool) -> dict:
     base = dla_fast.create_model(name, **_model_kwargs(name)).train()
     x = torch.randn(batch, 3, size, size)
     result = {}
-    for mode in MODES:
+    for mode, options in MODES.items():
         model, inp = copy.deepcopy(base), x
-        if mode != "eager":
-            dla_fast.accelerate(model, memory_efficient=mode.endswith("True)"))
+        if options is not None:
+            dla_fast.accelerate(model, **options)
             inp = x.contiguous(memory_format=torch.channels_last)
         with dla_fast.use_backend("triton" if mode != "eager" else "torch"), _kernels_skipped(skip_kernels):
             result[mode] = saved_activation_bytes(model, inp)
@@ -81,7 +84,7 @@ def main() -> None:
     print(f"{args.model} {args.size}x{args.size} batch {args.batch} fp32, backend triton"
           f"{' (kernels skipped)' if args.skip_kernels else ''}; torch {torch.__version__}")
     for mode, saved in result.items():
-        print(f"  {mode:36s} {saved / 2**20:9.2f} MiB  {saved / result['eager']:.3f}x eager")
+        print(f"  {mode:50s} {saved / 2**20:9.2f} MiB  {saved / result['eager']:.3f}x eager")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def test_every_kernel_configuration_compiles_for_sm90_with_wgmma(aot_records):
                      "channel_stats_partial_kernel", "channel_stats_merge_kernel", "upsample_merge_fwd_kernel",
                      "upsample_merge_bwd_kernel", "grad_weight_reduce_kernel", "aggregate_dy_kernel",
                      "aggregate_stats_group_kernel", "deform_conv_fwd_kernel", "deform_conv_grad_sample_kernel",
-                     "deform_conv_grad_weight_kernel"):
+                     "deform_conv_grad_weight_kernel", "conv_gemm_fwd_kernel", "conv_gemm_dgrad_kernel",
+                     "conv_gemm_wgrad_kernel"):
         assert expected in kernels, f"{expected} has no configuration in the AOT selection"
     assert any(r["needs_wgmma"] for r in aot_records), "no 16-bit GEMM configuration was checked for wgmma"
     bad = [f"{r['name']}: {p}" for r in aot_records for p in r["problems"] if not p.startswith("spills")]

@@ -277,6 +277,14 @@ def test_compile_providers_compile_the_right_model_with_their_mode(monkeypatch):
         assert calls.pop() == mode and bool(dla_fast.accelerated_modules(prepared)) == accelerated, name
 
 
+def test_conv_gemm_provider_accelerates_with_the_implicit_gemm_convs():
+    """Provider dla_fast_conv_gemm: accelerate(model, conv="triton") (its convs' choice recorded on the modules)."""
+    config = bench.resolve_config(build_parser().parse_args(["bench", *TINY, "--train"]))
+    prepared = bench.PROVIDERS["dla_fast_conv_gemm"].prepare(dla_fast.create_model("dla46_c"), config)
+    chosen = {m.__dict__.get("_conv") for m in prepared.modules() if hasattr(m, "use_conv")}
+    assert dla_fast.accelerated_modules(prepared) and chosen == {"triton"}
+
+
 def test_allocation_failure_is_one_line_naming_the_memory_needed():
     """The CPU allocator's failure is a plain RuntimeError with a C++ trace: one error line naming the size (more
     than a 47-bit address space, so that no overcommit setting lets the allocation through)."""

@@ -65,6 +65,7 @@ def test_dry_run_runs_every_stage_and_writes_the_records_and_the_table(tmp_path)
         assert f"--model dla34 --batch 256 --train --providers dla_fast --backend {path}" in log
         assert f"--model centernet_dla34 --size 512 --batch 16 --train --providers dla_fast --backend {path}" in log
     assert "--model dla34 --batch 256 --train --providers compile" in log
+    assert "--model dla34 --batch 256 --train --providers dla_fast_conv_gemm" in log
     assert "--model dla34 --batch 1 --providers eager_graph,dla_fast_graph" in log
 
     table = (tmp_path / "summary.md").read_text()

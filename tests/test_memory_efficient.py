@@ -204,20 +204,28 @@ def test_context_is_left_when_the_forward_raises():
     ("centernet_dla34", dict(heads={"hm": 80, "wh": 2, "reg": 2}, head_conv=256, dcn=True), 256, 1, 0.65),
 ])
 def test_memory_efficient_mode_saves_at_most_this_fraction_of_eager(name, kwargs, size, batch, ratio, monkeypatch):
-    """Saved-activation bytes of one fp32 training forward, memory_efficient vs eager, backend triton. What autograd
+    """Saved-activation bytes of one fp32 training forward, memory_efficient (with and without conv="triton") vs
+    eager, backend triton. What autograd
     saves depends on shapes, not values, so every Triton launch is skipped (outputs stay uninitialized; the eager
     convs run): the interpreter would take many minutes at these sizes (benchmarks/saved_memory.py --check shows
     the counts equal with and without the kernels; README: the numbers at 512x512 for CenterNet)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     model = dla_fast.create_model(name, **kwargs).train()
-    efficient = dla_fast.accelerate(copy.deepcopy(model), memory_efficient=True)
     x = torch.randn(batch, 3, size, size)
     eager_bytes = saved_activation_bytes(model, x)
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
-    with dla_fast.use_backend("triton"):
-        efficient_bytes = saved_activation_bytes(efficient, x.contiguous(memory_format=torch.channels_last))
-    assert efficient_bytes <= ratio * eager_bytes, f"{efficient_bytes / eager_bytes:.3f}x eager"
+    saved = {}
+    for options in (dict(), dict(memory_efficient=True), dict(conv="triton"), dict(memory_efficient=True, conv="triton")):
+        accelerated = dla_fast.accelerate(copy.deepcopy(model), **options)
+        with dla_fast.use_backend("triton"):
+            saved[tuple(options.items())] = saved_activation_bytes(accelerated, x.contiguous(
+                memory_format=torch.channels_last)) / eager_bytes
+    plain, efficient, conv_chain, both = saved.values()
+    assert efficient <= ratio and both <= ratio, saved
+    # the implicit-GEMM conv chains (BatchNorm + ReLU in the next conv's prologue) save less than the plain
+    # accelerated model: no normalized activation is kept (dla34 224²: 0.81x against 0.90x)
+    assert conv_chain < plain - 0.03, saved
 
 
 def test_training_memory_and_largest_batch():

@@ -82,6 +82,10 @@ def _prepare_dla_fast_memory_efficient(model: nn.Module, config: "BenchConfig") 
     return dla_fast.accelerate(model, memory_efficient=True)
 
 
+def _prepare_dla_fast_conv_gemm(model: nn.Module, config: "BenchConfig") -> nn.Module:
+    return dla_fast.accelerate(model, conv="triton")
+
+
 def _cuda_graphed(model: nn.Module, config: "BenchConfig") -> nn.Module:
     """The model replayed from captured CUDA graphs: the forward (inference), or forward + backward (training)."""
     if config.train:
@@ -127,6 +131,11 @@ PROVIDERS: Dict[str, Provider] = {
                                           description=lambda config: "dla_fast.accelerate(model, "
                                           "memory_efficient=True): the fused ops save their inputs and recompute "
                                           "their outputs in the backward (dla_fast.nn.memory)"),
+    "dla_fast_conv_gemm": Provider("dla_fast_conv_gemm", _prepare_dla_fast_conv_gemm, baseline=False,
+                                   description=lambda config: "dla_fast.accelerate(model, conv='triton'): in training "
+                                   "the blocks', stacks' and DLA-Up nodes' convs (1 group, >= 16 input channels) run "
+                                   "as dla_fast's implicit-GEMM Triton conv, BatchNorm + ReLU in its prologue, batch "
+                                   "statistics in its epilogue (dla_fast.nn.conv_chain)"),
     "dla_fast_compile": Provider("dla_fast_compile", _prepare_dla_fast_compile, baseline=False,
                                  description=lambda config: "torch.compile of the accelerated model (dla_fast's "
                                                             "ops, the folded convs' cuDNN call included, stay custom "

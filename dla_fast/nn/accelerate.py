@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..models.centernet import IDAConv, IDAUpAdd, ModulatedDeformConv3x3
 from ..models.dla_up import IDAUp
 from ..ops.common import clear_derived
+from .conv_chain import check_conv_choice
 from .dcn import FusedDCNBlock, FusedDeformConv2d, is_torchvision_deform_conv
 from .folded import folded_replacement
 from .ida import FusedIDAUp, FusedIDAUpAdd
@@ -125,7 +126,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = True, verbose: bool = False,
-               include: OpKinds = None, exclude: OpKinds = None, memory_efficient: bool = False) -> nn.Module:
+               include: OpKinds = None, exclude: OpKinds = None, memory_efficient: bool = False,
+               conv: str = "cudnn") -> nn.Module:
     """Replace DLA's aggregation nodes (and the other fusable pieces) of `model` by fused modules, in place.
 
     Works on dla_fast and timm DLA models, on any device, before or after `.to(device)`. Parameters,
@@ -143,6 +145,10 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     (a module whose op kinds are all kept eager is not replaced). Unknown names raise ValueError with the list.
     With memory_efficient=True the fused ops save their inputs instead of their outputs and recompute those in
     the backward (dla_fast.nn.memory; off by default until a GPU measurement shows what it costs).
+    conv: which convs of the replaced blocks, conv-BN-ReLU stacks and DLA-Up nodes run, when not folded, through
+    dla_fast's implicit-GEMM Triton conv with the BatchNorm + ReLU in its prologue and the batch statistics in its
+    epilogue (dla_fast.nn.conv_chain): "cudnn" (default) none, "triton" every conv it takes, "auto" the shapes
+    measured faster than cuDNN (none yet).
     Returns the model.
     """
     if not isinstance(model, nn.Module):
@@ -150,6 +156,7 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
     ops = enabled_op_kinds(include, exclude, fold_bn)
     if not isinstance(memory_efficient, bool):
         raise TypeError(f"accelerate: memory_efficient must be True or False; got {memory_efficient!r}")
+    check_conv_choice(conv)
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already accelerated; call dla_fast.restore(model) first")
     swapped, skipped = [], []
@@ -159,7 +166,10 @@ def accelerate(model: nn.Module, channels_last: bool = True, fold_bn: bool = Tru
         for convert in CONVERTERS:
             build, reason = convert(module, ops)
             if build is not None:
-                _replace(model, name, build())
+                new = build()
+                if hasattr(new, "use_conv"):
+                    new.use_conv(conv)
+                _replace(model, name, new)
                 swapped.append(name)
                 break
             if reason:

@@ -39,6 +39,7 @@ from ..ops.batchnorm_act import batchnorm_act
 from ..ops.batchnorm_act.op import OP_NAME as BATCHNORM_ACT_OP
 from ..ops.conv_bn_act import OP_NAME, compute_dtype, conv_bias_act, fold_batchnorm, foldable
 from .batchnorm import BATCHNORM_TYPES, batchnorm_unsupported, sync_args
+from .conv_chain import chain_applies, check_conv_choice, run_chain
 from .op_kinds import ALL_OP_KINDS
 
 # The backend op name of the unfolded path (training, or gradients wanted): conv + fused BatchNorm-act.
@@ -177,6 +178,7 @@ class _Folded(nn.Module):
         self.training = original.training
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
         self.__dict__["_ops"] = frozenset(ops)
+        self.__dict__["_conv"] = "cudnn"
         self.__dict__["_pair_names"] = self.pair_names(original)
         self.__dict__["_pairs"] = [FoldedConvBN(getattr(self, c), getattr(self, b))
                                    for c, b in self.__dict__["_pair_names"]]
@@ -218,6 +220,20 @@ class _Folded(nn.Module):
     def fold_pairs(self) -> List[FoldedConvBN]:
         return self.pairs
 
+    def use_conv(self, choice: str) -> None:
+        """Which convs a call that is not folded runs through the implicit GEMM (dla_fast.nn.conv_chain): "cudnn",
+        "triton" or "auto" (accelerate's `conv`)."""
+        self.__dict__["_conv"] = check_conv_choice(choice)
+
+    def runs_chain(self, x: torch.Tensor) -> bool:
+        """Whether a call that is not folded runs as an implicit-GEMM conv chain (dla_fast.nn.conv_chain)."""
+        pairs = self.pairs
+        return chain_applies(self.__dict__["_conv"], [p.conv for p in pairs], [p.bn for p in pairs], x)
+
+    def chain(self, x: torch.Tensor, relus: List[bool], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return run_chain([(p.conv, p.bn, relu) for p, relu in zip(self.pairs, relus)], [(x, None, None, False)],
+                         self.__dict__["_conv"], residual)
+
     def folds(self, x: torch.Tensor, *inputs) -> bool:
         return "fold_bn" in self.__dict__["_ops"] and fold_applies(self, self.pairs, x, *inputs)
 
@@ -257,6 +273,8 @@ class _FoldedBlock(_Folded):
         residual = shortcut if residual is None else residual  # timm names it `shortcut`
         if self.folds(x, residual):
             run = [pair.__call__ for pair in self.pairs]
+        elif self.runs_chain(x):
+            return self.chain(x, [True] * len(self.pairs), x if residual is None else residual)
         elif self.runs_unfolded(x):
             run = [pair.unfolded for pair in self.pairs]
         else:
@@ -323,6 +341,8 @@ class FoldedConvBNStack(_Folded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folds(x):
             run = [pair.__call__ for pair in self.pairs]
+        elif self.runs_chain(x):
+            return self.chain(x, self.relus)
         elif self.runs_unfolded(x):
             run = [pair.unfolded for pair in self.pairs]
         else:

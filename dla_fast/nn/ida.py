@@ -26,6 +26,7 @@ from ..ops.aggregate import aggregate
 from ..ops.batchnorm_act import batchnorm_act
 from ..ops.upsample_merge import upsample_merge
 from .batchnorm import batchnorm_unsupported, sync_args
+from .conv_chain import chain_applies, check_conv_choice, run_chain
 from .dcn import FoldedDCN, dcn_unsupported, deform_conv_bn_relu
 from .folded import FoldedConvBN, fold_applies, unsupported
 from .op_kinds import ALL_OP_KINDS
@@ -57,6 +58,7 @@ class _FusedIDA(nn.Module):
         self.up_factors = original.up_factors
         self.__dict__["_original"] = original  # not a submodule: no duplicate state_dict keys
         self.__dict__["_ops"] = frozenset(ops)
+        self.__dict__["_conv"] = "cudnn"
         self.__dict__["_folded"] = {}  # "proj_i" / "node_i" -> FoldedConvBN (plain convs) or FoldedDCN
         self.__dict__["_fold_sources"] = {}  # "proj_i" / "node_i" -> submodule paths of its (conv, bn)
 
@@ -85,6 +87,11 @@ class _FusedIDA(nn.Module):
         for name in self.__dict__["_fold_sources"]:
             self._refresh_fold(name)
         return list(self.__dict__["_folded"].values())
+
+    def use_conv(self, choice: str) -> None:
+        """Which node convs a call that is not folded runs through the implicit GEMM (accelerate's `conv`;
+        DLA-Up's concatenating nodes only: dla_fast.nn.conv_chain)."""
+        self.__dict__["_conv"] = check_conv_choice(choice)
 
     def _fuses(self, op_kind: str) -> bool:
         return op_kind in self.__dict__["_ops"]
@@ -145,11 +152,18 @@ class FusedIDAUp(_FusedIDA):
         fold = self._folds(layers)
         x = self._project(0, layers[0])  # up_0 is the identity (factor 1)
         nodes = []
+        choice = self.__dict__["_conv"]
         for i in range(1, len(layers)):
             projected = self._project(i, layers[i])
-            merged = self._upsample_merge(i, projected, x, "concat")
             node = getattr(self, f"node_{i}")
-            x = self._conv_bn_relu(f"node_{i}", node[0], node[1], merged, fold)
+            if not fold and chain_applies(choice, [node[0]], [node[1]], x):
+                # concat-free: the 3x3 conv reads x and the upsampled level through their own pointers
+                upsampled = getattr(self, f"up_{i}")(projected)
+                x = run_chain([(node[0], node[1], True)], [(x, None, None, False), (upsampled, None, None, False)],
+                              choice)
+            else:
+                merged = self._upsample_merge(i, projected, x, "concat")
+                x = self._conv_bn_relu(f"node_{i}", node[0], node[1], merged, fold)
             nodes.append(x)
         return x, nodes
 
