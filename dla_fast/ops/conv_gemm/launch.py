@@ -27,28 +27,31 @@ def tile_sizes(kernel: str, channels: int, dtype: torch.dtype, device_type: str,
                precision: str = "tf32") -> Tuple[int, int, int]:
     """'fwd': (BLOCK_M, BLOCK_N, BLOCK_K) with `channels` = Cout; 'dgrad': (BLOCK_M, BLOCK_C, BLOCK_CO) with
     `channels` = the input's C; 'wgrad': (BLOCK_C, BLOCK_CO, BLOCK_M). On CPU (the interpreter, whose cost is per
-    program and per operation) large tiles; on GPU 16-bit operands take K tiles of 64, fp32 of 32 (the register
-    budget of a 128 x 128 fp32 accumulator with 8 warps), and every GEMM tile has at least 64 rows (wgmma's M)."""
+    program and per operation) large tiles. On GPU (chosen from the sm_90 register counts of both Tritons, not from
+    timings): 64-row tiles (wgmma's M); the forward's K tile 32 for 16-bit operands, 16 for fp32 (N at most 64, 32
+    with IEEE dots); the backward's K tiles 64 (16-bit) / 32 (fp32)."""
     if kernel in TILE_OVERRIDES:
         return TILE_OVERRIDES[kernel]
     if device_type != "cuda":
         return {"fwd": (128, 128, 64), "dgrad": (128, 64, 128), "wgrad": (64, 128, 128)}[kernel]
     k = 32 if dtype == torch.float32 else 64
     if kernel == "fwd":  # 64-row tiles, K 32: the gathered A tile's 2-D address tensor is what fills registers
-        return 64, _pow2_clamp(channels, 16, 128 if dtype != torch.float32 else 64), 32 if dtype != torch.float32 else 16
-    if kernel == "dgrad":  # IEEE fp32 (FMA dots): 64 rows, 128 left an 8-16 B stack frame on sm_90
-        return 64 if precision == "ieee" else 128, _pow2_clamp(channels, 16, 64), k
+        if dtype != torch.float32:
+            return 64, _pow2_clamp(channels, 16, 128), 32
+        return 64, _pow2_clamp(channels, 16, 32 if precision == "ieee" else 64), 16
+    if kernel == "dgrad":  # 64 rows: 128 spilled up to 496 B per thread with the prologue epilogue (Triton 3.6)
+        return 64, _pow2_clamp(channels, 16, 64), k
     return 64, 64, k
 
 
 def _launch_options(block_elems: int, device_type: str, precision: str = "tf32", kernel: str = "") -> dict:
     """num_warps / num_stages (ignored by the interpreter): 8 warps for the large tiles; IEEE fp32 dots (FMA, not
-    tensor cores) 8 warps, the forward unpipelined (1 stage), the backward 2 stages (4 warps, or more stages, left
-    stack frames of 8-32 B per thread on sm_90)."""
+    tensor cores): the forward 4 warps unpipelined (1 stage) on tiles at most 32 wide, the backward 8 warps and 2
+    stages (the other choices tried left stack frames of 8-32 B per thread on sm_90 under Triton 3.6 or 3.8)."""
     if device_type != "cuda":
         return {}
     if precision == "ieee":
-        return dict(num_warps=8, num_stages=1 if kernel == "fwd" else 2)
+        return dict(num_warps=4, num_stages=1) if kernel == "fwd" else dict(num_warps=8, num_stages=2)
     return dict(num_warps=8 if block_elems >= 128 * 128 else 4, num_stages=3)
 
 
@@ -73,7 +76,7 @@ def forward(inputs: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor], Optiona
     cout = w_rows.shape[1]
     y = empty_channels_last((n, cout, oh, ow), x1.dtype, x1.device)
     m = n * oh * ow
-    block_m, block_n, block_k = tile_sizes("fwd", cout, x1.dtype, x1.device.type)
+    block_m, block_n, block_k = tile_sizes("fwd", cout, x1.dtype, x1.device.type, dot_precision(x1.dtype))
     tiles = cdiv(m, block_m)
     part_sum = part_m2 = None
     if stats:
@@ -180,7 +183,7 @@ def kernel_configurations() -> list:
         wgmma = dtype != torch.float32
         for precision, (kh, stride), channels in product(precisions[dtype], ((1, 1), (3, 1), (3, 2)),
                                                          (16, 32, 64, 128)):
-            block_m, block_n, block_k = tile_sizes("fwd", channels, dtype, "cuda")
+            block_m, block_n, block_k = tile_sizes("fwd", channels, dtype, "cuda", precision)
             for two, prologue, stats in product((False, True), (False, True), (False, True)):
                 args = dict(x1_ptr=act, scale1_ptr="*fp32", shift1_ptr="*fp32", C1="i32", s1n="i32", s1h="i32",
                             s1w="i32", s1c="i32", x2_ptr=act, scale2_ptr="*fp32", shift2_ptr="*fp32", C2="i32",

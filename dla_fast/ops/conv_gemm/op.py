@@ -126,7 +126,7 @@ class ConvGemmFunction(torch.autograd.Function):
         if not stats:
             return y
         m = y.shape[0] * y.shape[2] * y.shape[3]
-        block_m = launch.tile_sizes("fwd", y.shape[1], y.dtype, y.device.type)[0]
+        block_m = launch.tile_sizes("fwd", y.shape[1], y.dtype, y.device.type, launch.dot_precision(y.dtype))[0]
         if m == 0:
             nan = torch.full((y.shape[1],), float("nan"), dtype=torch.float32, device=y.device)
             mean, var = nan, nan.clone()
