@@ -28,8 +28,8 @@ def tile_sizes(kernel: str, channels: int, dtype: torch.dtype, device_type: str,
     """'fwd': (BLOCK_M, BLOCK_N, BLOCK_K) with `channels` = Cout; 'dgrad': (BLOCK_M, BLOCK_C, BLOCK_CO) with
     `channels` = the input's C; 'wgrad': (BLOCK_C, BLOCK_CO, BLOCK_M). On CPU (the interpreter, whose cost is per
     program and per operation) large tiles. On GPU (chosen from the sm_90 register counts of both Tritons, not from
-    timings): 64-row tiles (wgmma's M); the forward's K tile 32 for 16-bit operands, 16 for fp32 (N at most 64, 32
-    with IEEE dots); the backward's K tiles 64 (16-bit) / 32 (fp32)."""
+    timings): 64-row tiles (wgmma's M); the forward's K tile 32 for 16-bit operands, 16 for fp32 (N at most 64,
+    16 with IEEE dots); the backward's K tiles 64 (16-bit) / 32 (fp32)."""
     if kernel in TILE_OVERRIDES:
         return TILE_OVERRIDES[kernel]
     if device_type != "cuda":
@@ -38,7 +38,7 @@ def tile_sizes(kernel: str, channels: int, dtype: torch.dtype, device_type: str,
     if kernel == "fwd":  # 64-row tiles, K 32: the gathered A tile's 2-D address tensor is what fills registers
         if dtype != torch.float32:
             return 64, _pow2_clamp(channels, 16, 128), 32
-        return 64, _pow2_clamp(channels, 16, 32 if precision == "ieee" else 64), 16
+        return 64, _pow2_clamp(channels, 16, 16 if precision == "ieee" else 64), 16
     if kernel == "dgrad":  # 64 rows: 128 spilled up to 496 B per thread with the prologue epilogue (Triton 3.6)
         return 64, _pow2_clamp(channels, 16, 64), k
     return 64, 64, k
@@ -46,12 +46,12 @@ def tile_sizes(kernel: str, channels: int, dtype: torch.dtype, device_type: str,
 
 def _launch_options(block_elems: int, device_type: str, precision: str = "tf32", kernel: str = "") -> dict:
     """num_warps / num_stages (ignored by the interpreter): 8 warps for the large tiles; IEEE fp32 dots (FMA, not
-    tensor cores): the forward 4 warps unpipelined (1 stage) on tiles at most 32 wide, the backward 8 warps and 2
-    stages (the other choices tried left stack frames of 8-32 B per thread on sm_90 under Triton 3.6 or 3.8)."""
+    tensor cores): 8 warps, the forward unpipelined (1 stage) on tiles 16 wide, the backward 2 stages (the other
+    choices tried left stack frames of 8-32 B per thread on sm_90 under Triton 3.6 or 3.8)."""
     if device_type != "cuda":
         return {}
     if precision == "ieee":
-        return dict(num_warps=4, num_stages=1) if kernel == "fwd" else dict(num_warps=8, num_stages=2)
+        return dict(num_warps=8, num_stages=1 if kernel == "fwd" else 2)
     return dict(num_warps=8 if block_elems >= 128 * 128 else 4, num_stages=3)
 
 
