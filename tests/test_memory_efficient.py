@@ -216,7 +216,8 @@ def test_memory_efficient_mode_saves_at_most_this_fraction_of_eager(name, kwargs
     eager_bytes = saved_activation_bytes(model, x)
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, **kwargs: None)
     saved = {}
-    for options in (dict(), dict(memory_efficient=True), dict(conv="triton"), dict(memory_efficient=True, conv="triton")):
+    for options in (dict(), dict(memory_efficient=True), dict(conv="triton"),
+                    dict(memory_efficient=True, conv="triton")):
         accelerated = dla_fast.accelerate(copy.deepcopy(model), **options)
         with dla_fast.use_backend("triton"):
             saved[tuple(options.items())] = saved_activation_bytes(accelerated, x.contiguous(

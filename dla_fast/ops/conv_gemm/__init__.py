@@ -18,7 +18,8 @@ eager reference and autograd in op.py. The backend op name is "conv_gemm"; dla_f
 DLA's blocks, conv-BN-ReLU stacks and DLA-Up's node when accelerate(model, conv="triton").
 """
 from .launch import kernel_configurations
-from .op import OP_NAME, ConvGemmFunction, affine_act, check_inputs, conv_gemm, conv_gemm_reference, fits_int32, merge_stats
+from .op import (OP_NAME, ConvGemmFunction, affine_act, check_inputs, conv_gemm, conv_gemm_reference, fits_int32,
+                 merge_stats)
 
-__all__ = ["OP_NAME", "ConvGemmFunction", "affine_act", "check_inputs", "conv_gemm", "conv_gemm_reference", "fits_int32",
-           "kernel_configurations", "merge_stats"]
+__all__ = ["OP_NAME", "ConvGemmFunction", "affine_act", "check_inputs", "conv_gemm", "conv_gemm_reference",
+           "fits_int32", "kernel_configurations", "merge_stats"]

@@ -258,5 +258,5 @@ def conv_gemm(inputs: Sequence[Input], weight: torch.Tensor, bias: Optional[torc
     return ConvGemmFunction.apply(stride, padding, relus, stats, weight, bias, *flat)
 
 
-__all__ = ["OP_NAME", "AffineActFunction", "ConvGemmFunction", "affine_act", "check_inputs", "conv_gemm", "conv_gemm_reference", "fits_int32",
-           "merge_stats"]
+__all__ = ["OP_NAME", "AffineActFunction", "ConvGemmFunction", "affine_act", "check_inputs", "conv_gemm",
+           "conv_gemm_reference", "fits_int32", "merge_stats"]
