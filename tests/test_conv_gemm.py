@@ -24,7 +24,7 @@ from dla_fast.models import VARIANTS
 from dla_fast.models.dla_up import IDAUp
 from dla_fast.nn import conv_chain
 from dla_fast.nn.ida import FusedIDAUp
-from dla_fast.ops.conv_gemm import check_inputs, conv_gemm, conv_gemm_reference, launch
+from dla_fast.ops.conv_gemm import check_inputs, conv_gemm, launch
 
 from helpers import LaunchCounter, assert_close, assert_same_buffers, randomize_bn
 from test_accelerate import FOLDED_TYPES, ModuleRecorder, _check_modules, _representative_calls
